@@ -1,0 +1,20 @@
+"""One progress bar style for every long loop (rich, on stderr so --json output stays clean)."""
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import track as _rich_track
+
+T = TypeVar("T")
+stderr = Console(stderr=True)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate `items` with a progress bar; `total` is needed when `items` has no len()."""
+    yield from _rich_track(items, description=description, total=total, console=stderr, transient=True)
+
+
+def note(message: str) -> None:
+    """A one-line status message for the user (stderr)."""
+    stderr.print(f"[dim]{message}[/dim]")
