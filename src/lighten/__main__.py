@@ -1,0 +1,3 @@
+from lighten.cli import main
+
+main()

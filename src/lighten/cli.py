@@ -1,0 +1,152 @@
+"""The `lighten` command: parse, call one library function, print. No logic the library lacks."""
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lighten.errors import LightenError
+
+# Everything lighten reads is local; say so to huggingface_hub, and keep its bars out of ours.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make existing transformer models light: formats, quantization, evaluation.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def main() -> None:
+    """Console-script entry: a user mistake prints one line and exits 2, never a traceback."""
+    try:
+        app()
+    except LightenError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+def _print_json(obj) -> None:
+    out.print_json(json.dumps(obj))
+
+
+def _print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for r in rows:
+        table.add_row(*r)
+    out.print(table)
+
+
+@app.command()
+def formats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False):
+    """List the number-format zoo: bits per element (incl. scales), levels, max value."""
+    from lighten.formats import list_formats
+
+    rows = [
+        {"name": f.name, "bits_per_element": f.bits_per_element, "levels": f.levels, "max_value": f.max_value}
+        for f in list_formats()
+    ]
+    if as_json:
+        return _print_json(rows)
+    _print_table(
+        "lighten formats",
+        ["name", "bits/element", "levels", "max value"],
+        [[r["name"], f"{r['bits_per_element']:.4g}", str(r["levels"]), f"{r['max_value']:g}"] for r in rows],
+    )
+
+
+@app.command()
+def quantize(
+    model: Annotated[
+        str, typer.Argument(help="Built-in name (minilm, smollm2-135m) or a Hugging Face model dir.")
+    ],
+    format: Annotated[str, typer.Option("--format", "-f", help="Format spec, e.g. int4:g128, nf4, mxfp4.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(help="Regex on module names to keep in full precision (repeatable). Default: lm_head."),
+    ] = None,
+    embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+):
+    """Round-to-nearest quantize every Linear weight and save packed codes + scales (safetensors)."""
+    from lighten.pipeline import quantize_to_dir
+    from lighten.quantize import DEFAULT_SKIP
+
+    path = quantize_to_dir(
+        model, format, output, skip=tuple(skip) if skip else DEFAULT_SKIP, embeddings=embeddings, force=force
+    )
+    out.print(f"wrote {path}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        str, typer.Argument(help="A lighten checkpoint, built-in name or Hugging Face model dir.")
+    ],
+    reference: Annotated[
+        str | None, typer.Option(help="Model to compare against (default: the checkpoint's source model).")
+    ] = None,
+    text: Annotated[
+        Path | None,
+        typer.Option(help="UTF-8 text file: the corpus for causal LMs, one sentence per line for encoders."),
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens of text for perplexity / KL.")] = 4096,
+    context: Annotated[int, typer.Option(help="Context length of each perplexity window.")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Size, and fidelity to the reference: perplexity + KL (causal LMs) or cosine + Spearman (encoders)."""
+    from lighten.eval import read_text_file
+    from lighten.eval.compare import evaluate
+    from lighten.eval.table import report_table
+
+    body = read_text_file(text) if text is not None else None
+    report = evaluate([model], reference=reference, text=body, n_tokens=tokens, context=context)
+    if as_json:
+        return _print_json(report)
+    _print_table(f"{model} ({report['kind']}, {_describe_data(report['data'])})", *report_table(report))
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where checkpoints and results go.")] = Path(
+        "out/demo"
+    ),
+    tokens: Annotated[int, typer.Option(help="Tokens of Wikipedia text for perplexity / KL.")] = 4096,
+):
+    """Quantize both built-in models to six formats and compare each with its original."""
+    from lighten.atomic import atomic_file
+    from lighten.eval.table import markdown, report_table
+    from lighten.pipeline import run_demo
+
+    reports = run_demo(output, n_tokens=tokens)
+    md = []
+    for report in reports:
+        title = f"{report['reference']['name']} ({report['kind']}, {_describe_data(report['data'])})"
+        _print_table(title, *report_table(report))
+        md.append(f"**{title}**\n\n" + markdown(*report_table(report)))
+    with atomic_file(output / "results.md") as tmp:
+        tmp.write_text("\n".join(md))
+    with atomic_file(output / "results.json") as tmp:
+        tmp.write_text(json.dumps(reports, indent=2))
+    out.print(f"results in {output / 'results.md'} and {output / 'results.json'}")
+
+
+def _describe_data(data: dict) -> str:
+    if "n_tokens" in data:
+        return f"{data['corpus']}, {data['n_tokens']} tokens, context {data['context']}"
+    return f"{data['corpus']}, {data['n_sentences']} sentences"

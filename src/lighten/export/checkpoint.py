@@ -1,0 +1,122 @@
+"""lighten's own checkpoint: packed codes and scales in safetensors, plus a JSON manifest.
+
+Layout of a checkpoint directory:
+    model.safetensors   kept tensors under their own names; each quantized weight W as W.codes, W.scales, ...
+    lighten.json        manifest: plan (format per weight), shapes, source model, lighten version
+    config.json, tokenizer files, ...   copied from the source model so the directory loads on its own
+"""
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lighten
+from lighten.atomic import atomic_dir
+from lighten.errors import ModelError
+from lighten.formats import QuantizedTensor
+from lighten.models import build_model, load_model, model_kind
+from lighten.quantize import dequantize_weight
+
+MANIFEST = "lighten.json"
+WEIGHTS = "model.safetensors"
+# Small files a model directory needs besides its weights (config, tokenizer, sentence-transformers glue).
+SIDECAR_SUFFIXES = {".json", ".txt", ".model"}
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """Any model lighten can read: a lighten checkpoint, a built-in name or a Hugging Face directory.
+
+    Returns (model, tokenizer)."""
+    if is_checkpoint(name_or_path):
+        return load_checkpoint(name_or_path, dtype)
+    return load_model(name_or_path, dtype=dtype)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    quantized: dict[str, QuantizedTensor],
+    source_dir: Path,
+    source_name: str,
+    out_dir: str | Path,
+    force: bool = False,
+) -> Path:
+    """Write a quantized model atomically; returns the output directory."""
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    manifest_tensors = {}
+    for name, q in quantized.items():
+        manifest_tensors[name] = {"spec": q.spec, "shape": list(q.shape), "keys": sorted(q.tensors)}
+        tensors.update({f"{name}.{key}": t.contiguous() for key, t in q.tensors.items()})
+    # Tied weights (lm_head = embeddings) are stored once; the model re-ties them when it is built.
+    stored = {state[name].data_ptr() for name in quantized}
+    for name, t in state.items():
+        if name not in quantized and t.data_ptr() not in stored:
+            stored.add(t.data_ptr())
+            tensors[name] = t.contiguous()
+    manifest = {
+        "lighten_version": lighten.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": source_name, "path": str(source_dir)},
+        "kind": model_kind(model),
+        "tensors": manifest_tensors,
+    }
+    with atomic_dir(out_dir, force=force) as tmp:
+        for f in Path(source_dir).iterdir():
+            if f.is_file() and f.suffix in SIDECAR_SUFFIXES and f.name != MANIFEST and "index" not in f.name:
+                shutil.copy2(f, tmp / f.name)
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "producer": "lighten"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_manifest(path: str | Path) -> dict:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path} is not a readable lighten checkpoint ({e})") from e
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Rebuild a runnable Hugging Face model from a checkpoint by dequantizing every weight.
+
+    Returns (model, tokenizer). The packed runtime (weights kept packed in memory) is lighten.runtime."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    # The empty shell comes from the copied config; its random init is overwritten below.
+    model, tokenizer = build_model(path)
+    try:
+        state = load_file(path / WEIGHTS)
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise ModelError(f"cannot read {path / WEIGHTS}: {e}") from e
+    for name, info in manifest["tensors"].items():
+        try:
+            parts = {key: state.pop(f"{name}.{key}") for key in info["keys"]}
+        except KeyError as e:
+            raise ModelError(f"{path / WEIGHTS} lacks tensor {e} named in {MANIFEST}") from e
+        q = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), parts)
+        state[name] = dequantize_weight(model, name, q)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    untied = [k for k in missing if not _is_tied(model, k, state)]
+    if untied or unexpected:
+        raise ModelError(
+            f"{path} does not match its config: missing {untied[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.to(dtype).eval(), tokenizer
+
+
+def _is_tied(model: nn.Module, name: str, loaded: dict[str, torch.Tensor]) -> bool:
+    """A key absent from the file is fine only if it shares storage with one that was loaded."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return name in params and any(
+        params[name].data_ptr() == params[k].data_ptr() for k in loaded if k in params and k != name
+    )

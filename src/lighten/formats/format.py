@@ -1,0 +1,315 @@
+"""Format (a parsed spec) and QuantizedTensor (the buffers one quantized tensor is stored in).
+
+Every format is element codes times a per-group scale. A tensor of shape (..., K) is viewed as
+rows of K; a group is `G` consecutive elements of one row (the last group of a row may be
+shorter), a `channel` is a whole row and `tensor` is everything. How a group's scale is chosen
+depends on the format's scale rule:
+
+  absmax   scale = absmax / element max: the largest |x| maps to ±max       int sym, fp*, nf4
+  minmax   scale = (max - min) / (2^b - 1), zero-point = round(-min/scale)   int asym
+  e8m0     scale = 2^(floor(log2 absmax) - emax), stored as a biased byte   mx*
+  absmean  scale = mean |x|, and |x| beyond the grid is clipped            ternary, binary
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lighten.errors import SpecError
+from lighten.formats import packing
+from lighten.formats.elements import BINARY, MINIFLOATS, NF4, TERNARY, Element, integer, unsigned
+
+INTS = {f"int{b}": integer(b) for b in range(2, 9)}
+UNSIGNED = {f"int{b}": unsigned(b) for b in range(2, 9)}
+MX = {  # OCP Microscaling v1.0 element types
+    "mxfp8_e4m3": MINIFLOATS["fp8_e4m3"],
+    "mxfp8_e5m2": MINIFLOATS["fp8_e5m2"],
+    "mxfp6_e3m2": MINIFLOATS["fp6_e3m2"],
+    "mxfp6_e2m3": MINIFLOATS["fp6_e2m3"],
+    "mxfp4": MINIFLOATS["fp4_e2m1"],
+    "mxint8": integer(8, step=2**-6),
+}
+ELEMENTS = {**INTS, **MINIFLOATS, **MX, "nf4": NF4, "ternary": TERNARY, "binary": BINARY}
+
+# NAME -> default granularity. int8 and fp8 have enough levels for one scale per output
+# channel; narrower ints get the usual g128. fp6/fp4 get g32, the MX block size, so that e.g.
+# fp4_e2m1 vs mxfp4 isolates the scale format (fp16 absmax vs power of two).
+DEFAULTS = {
+    **{name: "channel" if name == "int8" else "g128" for name in INTS},
+    **{name: "channel" if name.startswith("fp8") else "g32" for name in MINIFLOATS},
+    **{name: "g32" for name in MX},  # fixed by the MX spec
+    "nf4": "g64",  # QLoRA's block size
+    "ternary": "tensor",  # BitNet b1.58: one absmean per weight matrix
+    "binary": "channel",
+}
+ALIASES = {"mxfp8": "mxfp8_e4m3"}
+GRAMMAR = "NAME[:tensor|:channel|:gN][:sym|:asym][:dq]"
+DQ_BLOCK = 256  # nf4:dq quantizes the absmaxes in blocks of 256, as QLoRA does
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Format:
+    family: str  # NAME in the grammar, e.g. "int4", "mxfp4", "nf4"
+    granularity: str  # "tensor" | "channel" | "g<N>"
+    asym: bool = False
+    dq: bool = False
+
+    @property
+    def name(self) -> str:
+        """Canonical spec: get(fmt.name) == fmt."""
+        sym = (":asym" if self.asym else ":sym") if self.family in INTS else ""
+        return f"{self.family}:{self.granularity}{sym}{':dq' if self.dq else ''}"
+
+    @property
+    def element(self) -> Element:
+        return (UNSIGNED if self.asym else ELEMENTS)[self.family]
+
+    @property
+    def rule(self) -> str:
+        if self.family in MX:
+            return "e8m0"
+        if self.family in ("ternary", "binary"):
+            return "absmean"
+        return "minmax" if self.asym else "absmax"
+
+    @property
+    def levels(self) -> int:
+        """Distinct element values the encoder produces (int4 sym: 15, -8 is unused)."""
+        return self.element.levels
+
+    @property
+    def max_value(self) -> float:
+        """Largest element magnitude before scaling (asym ints: the top code, 2^b - 1)."""
+        return self.element.max_value
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        if self.rule == "e8m0" or self.dq:
+            return torch.uint8  # E8M0 byte / 8-bit absmax code
+        return torch.float32 if self.family == "nf4" else torch.float16
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage bits per element including scales and zero-points, for rows that are a whole
+        number of groups. Per-channel and per-tensor scales are spread over a row (or the whole
+        tensor) and not counted: they add 16 / row_length bits (0.03 at 576)."""
+        if not self.granularity.startswith("g"):
+            return self.element.bits
+        group_bits = self.scale_dtype.itemsize * 8
+        group_bits += self.element.bits if self.asym else 0  # packed zero-point
+        group_bits += 32 / DQ_BLOCK if self.dq else 0  # share of the fp32 scale of the absmaxes
+        return self.element.bits + group_bits / int(self.granularity[1:])
+
+    def geometry(self, shape) -> tuple[int, int, int, int]:
+        """(rows, row length K, group length G, groups per row) for a tensor of `shape`."""
+        if len(shape) == 0 or math.prod(shape) == 0:
+            raise ValueError(f"can only quantize a non-empty tensor with ndim >= 1, got shape {shape}")
+        n, k = math.prod(shape), shape[-1]
+        if self.granularity == "tensor":
+            return 1, n, n, 1
+        g = k if self.granularity == "channel" else min(int(self.granularity[1:]), k)
+        return n // k, k, g, -(-k // g)
+
+    def layout(self, shape) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of every buffer QuantizedTensor.tensors holds for `shape`.
+
+        codes: the element codes of all rows in one stream (packing.py), row-major.
+        scales: one per group, (rows, groups per row): fp16 (rounded UP, see _fp16_ceil),
+            fp32 absmax for nf4, E8M0 byte (2^(b - 127)) for mx*, int8 code for nf4:dq.
+        zeros: asym only, the integer zero-points packed at b bits, row-major.
+        scales_scale, scales_mean: nf4:dq only, fp32 scale per 256 absmax codes and their mean.
+        """
+        rows, k, _, groups = self.geometry(shape)
+        n = rows * k
+        codes = (n + 4) // 5 if self.element is TERNARY else packing.packed_nbytes(n, self.element.bits)
+        out = {"codes": (torch.uint8, (codes,)), "scales": (self.scale_dtype, (rows, groups))}
+        if self.asym:
+            out["zeros"] = (torch.uint8, (packing.packed_nbytes(rows * groups, self.element.bits),))
+        if self.dq:
+            out["scales_scale"] = (torch.float32, (-(-rows * groups // DQ_BLOCK),))
+            out["scales_mean"] = (torch.float32, (1,))
+        return out
+
+    def quantize(self, x: torch.Tensor) -> "QuantizedTensor":
+        rows, k, g, groups = self.geometry(tuple(x.shape))
+        v = _grouped(x.reshape(rows, k).float(), g, groups)
+        tensors = _SCALE_RULES[self.rule](self, v, (k - g * torch.arange(groups)).clamp(max=g))
+        # Encode with the scale exactly as stored (fp16-rounded, E8M0, double-quantized), so the
+        # decoder sees the grid the encoder rounded to.
+        scale, zero = self._scale_zero(tensors, rows, groups)
+        codes = self.element.encode(v / torch.where(scale == 0, 1, scale)[..., None] + zero[..., None])
+        codes = codes.view(rows, groups * g)[:, :k]
+        if self.element is TERNARY:
+            packed = packing.pack_trits(codes)
+        else:
+            packed = packing.pack_bits(codes, self.element.bits)
+        return QuantizedTensor(self.name, tuple(x.shape), {"codes": packed, **tensors})
+
+    def dequantize(self, q: "QuantizedTensor", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if q.spec != self.name:
+            raise SpecError(f"{q.spec} tensor passed to {self.name}.dequantize; use q.dequantize()")
+        rows, k, g, groups = self.geometry(q.shape)
+        if self.element is TERNARY:
+            codes = packing.unpack_trits(q.tensors["codes"], rows * k)
+        else:
+            codes = packing.unpack_bits(q.tensors["codes"], self.element.bits, rows * k)
+        v = _grouped(self.element.decode(codes).view(rows, k), g, groups)
+        scale, zero = self._scale_zero(q.tensors, rows, groups)
+        x = (v - zero[..., None]) * scale[..., None]
+        return x.view(rows, groups * g)[:, :k].reshape(q.shape).to(dtype)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(x), x.dtype)
+
+    def _scale_zero(self, t, rows, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group fp32 (scale, zero-point) from the stored buffers: x = (element - zero) * scale."""
+        zero = torch.zeros(rows, groups)
+        if self.rule == "e8m0":  # 2^(byte - 127); byte 255 is NaN (the encoder never writes it)
+            byte = t["scales"]
+            return torch.where(byte == 255, math.nan, torch.exp2(byte.float() - 127)), zero
+        if self.dq:
+            codes = _pad(t["scales"].view(torch.int8).reshape(-1).float(), DQ_BLOCK).view(-1, DQ_BLOCK)
+            absmax = codes * t["scales_scale"][:, None] + t["scales_mean"]
+            return absmax.view(-1)[: rows * groups].view(rows, groups), zero
+        if self.asym:
+            zero = packing.unpack_bits(t["zeros"], self.element.bits, rows * groups).view(rows, groups)
+        return t["scales"].float(), zero.float()
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    spec: str  # canonical spec
+    shape: tuple[int, ...]  # shape of the original tensor
+    tensors: dict[str, torch.Tensor]  # everything that is stored, see Format.layout
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return get(self.spec).dequantize(self, dtype)
+
+    @classmethod
+    def from_tensors(cls, spec: str, shape: tuple, tensors: dict) -> "QuantizedTensor":
+        """Rebuild from stored buffers (e.g. a safetensors load), checking names, dtypes, shapes."""
+        fmt, shape = get(spec), tuple(int(d) for d in shape)
+        if len(shape) == 0 or min(shape) < 1:
+            raise SpecError(f"shape {shape} of a {fmt.name} tensor must be non-empty with ndim >= 1")
+        want = fmt.layout(shape)
+        got = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+        if got != want:
+            raise SpecError(f"a {fmt.name} tensor of shape {shape} is stored as {want}, got {got}")
+        return cls(fmt.name, shape, {name: tensors[name].contiguous() for name in want})
+
+
+# ---- scale rules: grouped fp32 values (rows, groups, G) -> stored scale buffers -----------------
+
+
+def _absmax(fmt, v, counts):
+    scale = v.abs().amax(-1) / fmt.max_value
+    if fmt.family != "nf4":
+        return {"scales": _fp16_ceil(scale)}
+    return _double_quantize(scale) if fmt.dq else {"scales": scale}
+
+
+def _minmax(fmt, v, counts):
+    lo, hi = v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0)  # keep 0 on the grid
+    scale = _fp16_ceil((hi - lo) / fmt.max_value)
+    zero = torch.round(-lo / torch.where(scale == 0, 1, scale)).clamp(0, fmt.max_value)
+    return {"scales": scale, "zeros": packing.pack_bits(zero.to(torch.uint8), fmt.element.bits)}
+
+
+def _e8m0(fmt, v, counts):
+    absmax = v.abs().amax(-1)
+    emax = math.floor(math.log2(fmt.max_value))
+    shared = torch.frexp(absmax).exponent - 1 - emax  # floor(log2 absmax) - emax, exactly
+    shared = torch.where(absmax == 0, -127, shared).clamp(-127, 127)  # zero block: smallest scale
+    return {"scales": (shared + 127).to(torch.uint8)}
+
+
+def _absmean(fmt, v, counts):
+    mean = v.abs().sum(-1) / counts  # padding is zeros: divide by the true group length
+    return {"scales": mean.clamp(max=FP16_MAX).half()}
+
+
+_SCALE_RULES = {"absmax": _absmax, "minmax": _minmax, "e8m0": _e8m0, "absmean": _absmean}
+
+
+def _fp16_ceil(s: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 >= s (s >= 0, capped at the fp16 max). Rounding the scale up rather than to
+    nearest keeps absmax / scale <= max, so nothing clips and |x - x_hat| <= scale / 2 holds
+    with the stored scale; it costs at most 2^-10 relative resolution."""
+    s = s.clamp(max=FP16_MAX)
+    h = s.half()
+    return torch.where(h.float() < s, (h.view(torch.int16) + 1).view(torch.float16), h)
+
+
+def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
+    """QLoRA double quantization: absmax - mean, symmetric int8 per block of 256, fp32 scales."""
+    mean = absmax.mean()
+    d = _pad((absmax - mean).reshape(-1), DQ_BLOCK).view(-1, DQ_BLOCK)
+    scale = d.abs().amax(-1) / 127
+    # ceil, not round: the decoded absmax is never below the true one, so no element clips.
+    codes = torch.ceil(d / torch.where(scale == 0, 1, scale)[:, None]).clamp(-127, 127)
+    codes = codes.to(torch.int8).view(torch.uint8).view(-1)[: absmax.numel()].view(absmax.shape)
+    return {"scales": codes, "scales_scale": scale, "scales_mean": mean.view(1)}
+
+
+def _grouped(v: torch.Tensor, g: int, groups: int) -> torch.Tensor:
+    """(rows, K) -> (rows, groups, G), zero-padding the short last group of each row."""
+    return torch.cat([v, v.new_zeros(v.shape[0], groups * g - v.shape[1])], 1).view(-1, groups, g)
+
+
+def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(-x.numel() % multiple)])
+
+
+# ---- spec parsing ---------------------------------------------------------------------------
+
+
+def get(spec: str) -> Format:
+    """Parse a spec string (grammar in lighten.formats) into a Format; SpecError if invalid."""
+    if not isinstance(spec, str):
+        raise SpecError(f"a format spec is a string like 'int4:g128', got {spec!r}")
+    name, *options = spec.strip().lower().split(":")
+    name = ALIASES.get(name, name)
+    if name not in DEFAULTS:
+        raise SpecError(
+            f"unknown format {name!r} in spec {spec!r}. Valid names: {', '.join(DEFAULTS)} "
+            f"(alias: mxfp8 = mxfp8_e4m3). Grammar: {GRAMMAR}"
+        )
+    granularity = sym = dq = None
+    for opt in options:
+        if opt in ("tensor", "channel") or opt.startswith("g"):
+            if opt.startswith("g") and not re.fullmatch(r"g[1-9][0-9]*", opt):
+                raise SpecError(f"group size in {spec!r} must be a positive integer, e.g. g128")
+            granularity = _once(granularity, opt, spec)
+        elif opt in ("sym", "asym"):
+            sym = _once(sym, opt, spec)
+        elif opt == "dq":
+            dq = _once(dq, opt, spec)
+        else:
+            raise SpecError(f"unknown option {opt!r} in {spec!r}. Grammar: {GRAMMAR}")
+    if name in MX and granularity not in (None, "g32"):
+        raise SpecError(f"{name} has fixed blocks of 32 (OCP MX); write {name!r}, not {spec!r}")
+    if sym is not None and name not in INTS:
+        raise SpecError(f"{spec!r}: :sym/:asym apply only to int2..int8 ({name} has a sign bit)")
+    if dq is not None and name != "nf4":
+        raise SpecError(f"{spec!r}: :dq (double quantization of the absmaxes) applies only to nf4")
+    return Format(name, granularity or DEFAULTS[name], asym=sym == "asym", dq=dq is not None)
+
+
+def _once(current, opt, spec):
+    if current is not None:
+        raise SpecError(
+            f"{spec!r} sets {current!r} and {opt!r}; give each kind of option once. Grammar: {GRAMMAR}"
+        )
+    return opt
+
+
+def list_formats() -> list[Format]:
+    """Every format in the zoo at its default spec."""
+    return [get(name) for name in DEFAULTS]

@@ -1,0 +1,102 @@
+"""Names and directories → a loaded model and tokenizer.
+
+transformers is imported inside the functions: it takes seconds, and `lighten --help` should not wait."""
+
+from pathlib import Path
+
+import torch
+
+from lighten.errors import ModelError
+from lighten.models.builtin import BUILTIN, builtin_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A HF model directory: a built-in name (made on first use) or a local directory, checked.
+
+    Built-in names win; a local directory called like one is reached as ./minilm."""
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN:
+        return builtin_dir(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        problem = "is neither a built-in model name nor an existing directory"
+    elif not path.is_dir():
+        problem = "is a file; pass the Hugging Face model directory that holds config.json and the weights"
+    elif not (path / "config.json").is_file():
+        problem = "has no config.json, so it is not a Hugging Face model directory"
+    elif any(path.glob("*.safetensors")):
+        return path
+    elif any(path.glob("*.bin")):
+        # Unpickling a .bin can run arbitrary code; safetensors cannot.
+        problem = (
+            "has only pickled *.bin weights and lighten loads only safetensors: re-save it with "
+            "model.save_pretrained(dir) (safetensors is the default)"
+        )
+    else:
+        problem = "has no weights (*.safetensors)"
+    raise ModelError(f"{str(name_or_path)!r} {problem}. Built-in models: {', '.join(BUILTIN)}.")
+
+
+def model_kind(model_or_config) -> str:
+    """What a model is: "causal" for decoder LMs (GPT-2, Llama, ...), "encoder" for BERT-like models."""
+    if hasattr(model_or_config, "config"):  # a model: its class says what it is
+        config, names = model_or_config.config, [type(model_or_config).__name__]
+    else:
+        config, names = model_or_config, model_or_config.architectures or []
+    if any(n.endswith(("ForConditionalGeneration", "Seq2SeqLM")) for n in names):
+        raise ModelError(
+            f"{names[0]} is an encoder-decoder or multimodal model; lighten supports encoders "
+            "(BERT-like) and causal LMs"
+        )
+    if names:
+        return "causal" if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names) else "encoder"
+    # No architectures recorded (a hand-written config): BERT-likes have a masked-LM head, decoders do not.
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    kind = type(config)
+    causal = kind in MODEL_FOR_CAUSAL_LM_MAPPING and kind not in MODEL_FOR_MASKED_LM_MAPPING
+    return "causal" if causal else "encoder"
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer), model in eval mode: AutoModel for encoders, AutoModelForCausalLM for causal LMs."""
+    path, config, auto, tokenizer = _open(name_or_path)
+    try:
+        model = auto.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"cannot load the weights in {path}: {e}") from e
+    return model.eval(), tokenizer
+
+
+def build_model(name_or_path: str | Path):
+    """(model, tokenizer) with the directory's architecture but freshly initialised weights, for a caller
+    that fills in the weights itself (a quantized checkpoint)."""
+    _, config, auto, tokenizer = _open(name_or_path)
+    return auto.from_config(config).eval(), tokenizer
+
+
+def _open(name_or_path: str | Path):
+    """Resolve a model directory and read its config, model class and tokenizer."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name_or_path)
+    # Without these files transformers 5 quietly builds an empty tokenizer that maps every word to unk.
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): "
+            "save it beside the weights with tokenizer.save_pretrained(dir)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(
+            f"cannot read {path / 'config.json'} (broken, or a model type this transformers "
+            f"does not know): {e}"
+        ) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load the tokenizer in {path}: {e}") from e
+    auto = AutoModelForCausalLM if model_kind(config) == "causal" else AutoModel
+    return path, config, auto, tokenizer

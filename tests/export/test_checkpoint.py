@@ -1,0 +1,98 @@
+"""lighten's checkpoint: save → load rebuilds exactly the fake-quantized model, atomically."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny, tiny_tokenizer
+
+from lighten import formats
+from lighten.errors import LightenError, ModelError
+from lighten.eval.size import size_report
+from lighten.export import checkpoint
+from lighten.export.checkpoint import MANIFEST, load, save_checkpoint
+from lighten.models import load_model
+from lighten.quantize import make_plan, quantize_weights
+
+
+def _quantize_and_save(src, out, spec):
+    model, _ = load_model(src)
+    save_checkpoint(model, quantize_weights(model, make_plan(model, spec)), src, str(src), out)
+    return model
+
+
+def _fake_quantized(model, spec):
+    """Independent path: overwrite each planned weight in place with the format's fake-quantized value."""
+    fmt = formats.get(spec)
+    with torch.no_grad():
+        for name in make_plan(model, spec):
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            w = module.weight
+            transposed = type(module).__name__ == "Conv1D"
+            q = fmt.fake_quantize(w.t() if transposed else w)
+            w.copy_(q.t() if transposed else q)
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch,spec", [("llama", "int4:g32"), ("gpt2", "int8:channel"), ("bert", "nf4"), ("qwen2", "mxfp4")]
+)
+def test_round_trip_equals_fake_quantized_model(tmp_path, arch, spec):
+    src = save_tiny(arch, tmp_path / "src")
+    model = _quantize_and_save(src, tmp_path / "q", spec)
+    loaded, tokenizer = load(tmp_path / "q")
+    expected = _fake_quantized(model, spec)
+    got_state, want_state = loaded.state_dict(), expected.state_dict()
+    assert got_state.keys() == want_state.keys()
+    for k in want_state:
+        torch.testing.assert_close(got_state[k], want_state[k], rtol=0, atol=0, msg=k)
+    ids = torch.tensor([tiny_tokenizer()("the model is light and small")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], expected(ids)[0], rtol=0, atol=0)
+    if arch == "llama":  # tied embeddings stay tied after loading
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_checkpoint_is_packed_and_sized_honestly(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    _quantize_and_save(src, tmp_path / "q", "int4:g32")
+    manifest = json.loads((tmp_path / "q" / MANIFEST).read_text())
+    assert set(manifest["tensors"]) == set(make_plan(load_model(src)[0], "int4:g32"))
+    row = size_report(tmp_path / "q")
+    # 4-bit codes + one fp16 scale per group of 32 = 4.5 bits; the rows here are multiples of 32.
+    assert row["format"] == formats.get("int4:g32").name
+    assert row["bits_per_weight"] == pytest.approx(formats.get("int4:g32").bits_per_element)
+    assert size_report(src)["bits_per_weight"] == 32
+    assert row["weight_bytes"] < size_report(src)["weight_bytes"]
+
+
+def test_existing_output_is_refused_without_force(tmp_path):
+    src = save_tiny("gpt2", tmp_path / "src")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("mine")
+    with pytest.raises(LightenError, match="--force"):
+        _quantize_and_save(src, tmp_path / "q", "int8")
+    assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    src = save_tiny("gpt2", tmp_path / "src")
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError):
+        _quantize_and_save(src, tmp_path / "out" / "q", "int8")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    src = save_tiny("gpt2", tmp_path / "src")
+    _quantize_and_save(src, tmp_path / "q", "int8")
+    manifest = json.loads((tmp_path / "q" / MANIFEST).read_text())
+    name = next(iter(manifest["tensors"]))
+    manifest["tensors"][name]["keys"].append("nonexistent")
+    (tmp_path / "q" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="lacks tensor"):
+        load(tmp_path / "q")

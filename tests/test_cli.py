@@ -1,0 +1,94 @@
+"""The command line as a user meets it: real subprocesses, exit codes, no tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import sample_text, save_tiny
+
+
+def lighten(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lighten", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def assert_user_error(result, *phrases):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for phrase in phrases:
+        assert phrase in result.stderr
+
+
+def test_formats_json_lists_the_zoo():
+    result = lighten("formats", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    names = {r["name"].split(":")[0] for r in rows}
+    assert {
+        "int8",
+        "int4",
+        "fp8_e4m3",
+        "fp8_e5m2",
+        "fp6_e3m2",
+        "fp6_e2m3",
+        "fp4_e2m1",
+        "mxfp4",
+        "mxfp6_e2m3",
+        "mxfp8_e4m3",
+        "mxint8",
+        "nf4",
+        "ternary",
+        "binary",
+    } <= names
+    assert all(isinstance(r["bits_per_element"], (int, float)) and r["bits_per_element"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "args,phrases",
+    [
+        (["quantize", "/no/such/model", "-f", "int4", "-o", "x"], ["/no/such/model", "minilm"]),
+        (["eval", "/no/such/model"], ["/no/such/model"]),
+        (["eval", "minilm", "--text", "/no/such/file.txt"], ["/no/such/file.txt"]),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_message(args, phrases):
+    assert_user_error(lighten(*args), *phrases)
+
+
+def test_bad_format_spec_and_existing_output(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    assert_user_error(lighten("quantize", src, "-f", "int4:g0", "-o", tmp_path / "q"), "int4:g0")
+    assert not (tmp_path / "q").exists()
+    (tmp_path / "q").mkdir()
+    assert_user_error(lighten("quantize", src, "-f", "int4:g32", "-o", tmp_path / "q"), "--force")
+
+
+def test_quantize_then_eval_a_causal_model(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(800))
+    result = lighten("quantize", src, "-f", "int4:g32", "-o", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    result = lighten("eval", tmp_path / "q", "--text", text, "--tokens", 256, "--context", 64, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["kind"] == "causal" and report["reference"]["name"] == str(src)
+    (cand,) = report["candidates"]
+    assert cand["format"] == "int4:g32:sym" and cand["kl"] > 0 and cand["perplexity"] > 1
+    assert cand["weight_bytes"] < report["reference"]["weight_bytes"]
+
+
+def test_eval_an_encoder_against_itself(tmp_path):
+    src = save_tiny("bert", tmp_path / "src")
+    text = tmp_path / "sentences.txt"
+    text.write_text("the model is light\na small number of layers\nthe scale of a group\nthe norm of a row\n")
+    result = lighten("eval", src, "--reference", src, "--text", text, "--json")
+    assert result.returncode == 0, result.stderr
+    (cand,) = json.loads(result.stdout)["candidates"]
+    assert cand["cosine"] == pytest.approx(1.0) and cand["spearman"] == pytest.approx(1.0)
