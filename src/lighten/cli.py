@@ -23,6 +23,8 @@ app = typer.Typer(
     help="Make existing transformer models light: formats, quantization, evaluation.",
 )
 out = Console()
+if not out.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
+    out = Console(width=160)
 err = Console(stderr=True)
 
 

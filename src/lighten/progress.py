@@ -12,7 +12,15 @@ stderr = Console(stderr=True)
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate `items` with a progress bar; `total` is needed when `items` has no len()."""
-    yield from _rich_track(items, description=description, total=total, console=stderr, transient=True)
+    # Off when stderr is not a terminal (CI, pipes): a log should not fill with redrawn bars.
+    yield from _rich_track(
+        items,
+        description=description,
+        total=total,
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    )
 
 
 def note(message: str) -> None:

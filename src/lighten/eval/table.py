@@ -15,7 +15,7 @@ def report_table(report: dict) -> tuple[list[str], list[list[str]]]:
             _mb(ref["weight_bytes"]),
             _mb(ref["disk_bytes"]),
         ]
-        + ([f"{ref['perplexity']:.3f}", "0"] if causal else ["1", "1"])
+        + ([_ppl(ref["perplexity"]), "0"] if causal else ["1", "1"])
     ]
     for c in report["candidates"]:
         row = [
@@ -26,7 +26,7 @@ def report_table(report: dict) -> tuple[list[str], list[list[str]]]:
             _mb(c["disk_bytes"]),
         ]
         row += (
-            [f"{c['perplexity']:.3f}", f"{c['kl']:.4f}"]
+            [_ppl(c["perplexity"]), f"{c['kl']:.4f}"]
             if causal
             else [f"{c['cosine']:.4f}", f"{c['spearman']:.4f}"]
         )
@@ -38,6 +38,10 @@ def markdown(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _ppl(x: float) -> str:
+    return f"{x:.3f}" if x < 1e4 else f"{x:.3e}"  # a broken model's perplexity runs to millions
 
 
 def _mb(n: int) -> str:
