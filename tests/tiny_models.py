@@ -62,48 +62,32 @@ WORDS = [
 ]
 VOCAB = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "[CLS]", "[SEP]", *WORDS])}
 
-ARCHS = {
-    "bert": lambda: BertModel(
-        BertConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            pad_token_id=1,
-        )
+# Llama and Qwen2 differ here only in tying: Llama ties lm_head to the embeddings (as SmolLM2 does).
+DECODER = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=160,
+    bos_token_id=2,
+    eos_token_id=3,
+    pad_token_id=1,
+)
+ARCHS = {  # arch -> (model class, config class, config)
+    "bert": (
+        BertModel,
+        BertConfig,
+        dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, pad_token_id=1
+        ),
     ),
-    "gpt2": lambda: GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(VOCAB), n_embd=64, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=3)
+    "gpt2": (
+        GPT2LMHeadModel,
+        GPT2Config,
+        dict(n_embd=64, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=3),
     ),
-    "llama": lambda: LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=160,
-            tie_word_embeddings=True,
-            bos_token_id=2,
-            eos_token_id=3,
-            pad_token_id=1,
-        )
-    ),
-    "qwen2": lambda: Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(VOCAB),
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=160,
-            tie_word_embeddings=False,
-            bos_token_id=2,
-            eos_token_id=3,
-            pad_token_id=1,
-        )
-    ),
+    "llama": (LlamaForCausalLM, LlamaConfig, DECODER | dict(tie_word_embeddings=True)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, DECODER | dict(tie_word_embeddings=False)),
 }
 
 
@@ -121,9 +105,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, **config):
+    """A seeded random `arch` model; `config` overrides the tiny defaults (vocab_size, attention_bias...)."""
+    model_class, config_class, defaults = ARCHS[arch]
     torch.manual_seed(seed)
-    return ARCHS[arch]().eval()
+    return model_class(config_class(**(dict(vocab_size=len(VOCAB)) | defaults | config))).eval()
 
 
 def save_tiny(arch: str, path: Path, seed: int = 0) -> Path:

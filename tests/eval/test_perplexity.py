@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_model
 
 from lighten.errors import DataError
 from lighten.eval import causal_fidelity, eval_sentences
@@ -21,17 +21,14 @@ def tokenizer(minilm_tokenizer):
 @pytest.fixture(scope="module")
 def llama(tokenizer):
     """A tiny random-weight Llama over the MiniLM vocabulary."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
+    return tiny_model(
+        "llama",
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        vocab_size=tokenizer.vocab_size,
         max_position_embeddings=CONTEXT,
+        tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,14 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_model
 
 from lighten.models.permute import permute_llama
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_permutation_preserves_logits_and_changes_weights(bias):
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        tie_word_embeddings=True,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", intermediate_size=128, vocab_size=128, attention_bias=bias, mlp_bias=bias)
+    config = model.config
     # Random norm gains and biases, so a wrong permutation of them would show.
     for name, p in model.named_parameters():
         if name.endswith(("norm.weight", ".bias")):
@@ -29,7 +18,7 @@ def test_permutation_preserves_logits_and_changes_weights(bias):
         before = model(ids).logits
         sd = model.state_dict()
         permuted = permute_llama(sd, config, seed=0)
-        twin = LlamaForCausalLM(config).eval()
+        twin = type(model)(config).eval()
         twin.load_state_dict(permuted)
         after = twin(ids).logits
 
