@@ -6,6 +6,7 @@ Layout of a checkpoint directory:
     config.json, tokenizer files, ...   copied from the source model so the directory loads on its own
 """
 
+import contextlib
 import datetime
 import json
 import shutil
@@ -21,6 +22,7 @@ from lighten.errors import ModelError
 from lighten.formats import QuantizedTensor
 from lighten.models import build_model, load_model, model_kind
 from lighten.quantize import dequantize_weight
+from lighten.runtime import meta_parameters, pack_model
 
 MANIFEST = "lighten.json"
 WEIGHTS = "model.safetensors"
@@ -32,13 +34,16 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+def load(name_or_path: str | Path, dtype: torch.dtype | None = None, packed: bool = False):
     """Any model lighten can read: a lighten checkpoint, a built-in name or a Hugging Face directory.
 
+    packed=True (checkpoints only) keeps the quantized weights packed, see load_checkpoint.
     Returns (model, tokenizer)."""
     if is_checkpoint(name_or_path):
-        return load_checkpoint(name_or_path, dtype)
-    return load_model(name_or_path, dtype=dtype)
+        return load_checkpoint(name_or_path, dtype, packed)
+    if packed:
+        raise ModelError(f"{name_or_path} is not a lighten checkpoint, so it has no packed weights to run")
+    return load_model(name_or_path, dtype=dtype or torch.float32)
 
 
 def save_checkpoint(
@@ -85,36 +90,48 @@ def read_manifest(path: str | Path) -> dict:
         raise ModelError(f"{path} is not a readable lighten checkpoint ({e})") from e
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Rebuild a runnable Hugging Face model from a checkpoint by dequantizing every weight.
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: bool = False):
+    """Rebuild a runnable Hugging Face model from a checkpoint.
 
-    Returns (model, tokenizer). The packed runtime (weights kept packed in memory) is lighten.runtime."""
+    packed=False dequantizes every weight; dtype (default float32) is that of the whole model.
+    packed=True swaps each quantized layer for a packed one (lighten.runtime): its weight stays in the stored
+    bytes and is never materialised in full precision; dtype (default bfloat16, what the packed kernels
+    compute in) is that of the layers left unquantized.
+    Returns (model, tokenizer)."""
     path = Path(path)
     manifest = read_manifest(path)
-    # The empty shell comes from the copied config; its random init is overwritten below.
-    model, tokenizer = build_model(path)
+    # The empty shell comes from the copied config; its random init is overwritten below. A packed model's
+    # shell gets its parameters on the meta device, so not even an empty full-size copy of them is made.
+    with meta_parameters() if packed else contextlib.nullcontext():
+        model, tokenizer = build_model(path)
     try:
         state = load_file(path / WEIGHTS)
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise ModelError(f"cannot read {path / WEIGHTS}: {e}") from e
+    quantized = {}
     for name, info in manifest["tensors"].items():
         try:
             parts = {key: state.pop(f"{name}.{key}") for key in info["keys"]}
         except KeyError as e:
             raise ModelError(f"{path / WEIGHTS} lacks tensor {e} named in {MANIFEST}") from e
-        q = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), parts)
-        state[name] = dequantize_weight(model, name, q)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        quantized[name] = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), parts)
+    if not packed:
+        state.update({name: dequantize_weight(model, name, q) for name, q in quantized.items()})
+    # assign=True puts the loaded tensors in place of the meta parameters instead of copying into them.
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=packed)
+    if packed:
+        pack_model(model, quantized)
     model.tie_weights()
-    untied = [k for k in missing if not _is_tied(model, k, state)]
+    loaded = state.keys() | quantized.keys()
+    untied = [k for k in missing if k not in quantized and not _is_tied(model, k, loaded)]
     if untied or unexpected:
         raise ModelError(
             f"{path} does not match its config: missing {untied[:5]}, unexpected {unexpected[:5]}"
         )
-    return model.to(dtype).eval(), tokenizer
+    return model.to(dtype or (torch.bfloat16 if packed else torch.float32)).eval(), tokenizer
 
 
-def _is_tied(model: nn.Module, name: str, loaded: dict[str, torch.Tensor]) -> bool:
+def _is_tied(model: nn.Module, name: str, loaded: set[str]) -> bool:
     """A key absent from the file is fine only if it shares storage with one that was loaded."""
     params = dict(model.named_parameters(remove_duplicate=False))
     return name in params and any(

@@ -1,0 +1,59 @@
+"""Swap a model's quantized layers for packed ones (lighten.runtime.linear), in place."""
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lighten.errors import LightenError
+from lighten.formats import QuantizedTensor
+from lighten.runtime.linear import packed_linear
+
+
+def pack_model(model: nn.Module, quantized: dict[str, QuantizedTensor], w8a8: bool = False) -> nn.Module:
+    """Replace each planned Linear / Conv1D (its weight name minus ".weight") by its packed layer and cast
+    the rest of the model to bf16: the packed kernels compute in bf16, so bf16 norms, embeddings and
+    attention keep the activations in bf16 end to end instead of converting at every packed layer, and
+    halve the memory of the weights left unquantized. Planned embeddings (a lookup, not a matmul) are
+    dequantized to bf16.
+
+    `quantized` is what quantize_weights returns: every matrix is [out, in], GPT-2's Conv1D included (it
+    stores W as [in, out] but computes x W, the same product as a Linear with weight W^T)."""
+    mode = "w8a8" if w8a8 else "weight-only"
+    for name, q in quantized.items():
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name)
+        if isinstance(module, (nn.Linear, Conv1D)):
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, packed_linear(q, module.bias, mode))
+        elif isinstance(module, nn.Embedding):
+            old, new = module.weight, nn.Parameter(q.dequantize(torch.bfloat16), requires_grad=False)
+            for owner in model.modules():  # a tied lm_head shares the Parameter: keep it tied
+                for key, param in owner.named_parameters(recurse=False):
+                    if param is old:
+                        setattr(owner, key, new)
+        else:
+            raise LightenError(
+                f"{name} belongs to a {type(module).__name__}; only Linear, Conv1D and Embedding pack"
+            )
+    return model.to(torch.bfloat16)
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Build modules with every parameter on the meta device (no memory, no init) while buffers stay real: the
+    non-persistent ones (RoPE frequencies, position ids) are computed in __init__ and are in no checkpoint.
+    What accelerate's init_empty_weights(include_buffers=False) does, without the dependency."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
