@@ -92,3 +92,17 @@ def test_eval_an_encoder_against_itself(tmp_path):
     assert result.returncode == 0, result.stderr
     (cand,) = json.loads(result.stdout)["candidates"]
     assert cand["cosine"] == pytest.approx(1.0) and cand["spearman"] == pytest.approx(1.0)
+
+
+def test_run_generates_from_a_packed_checkpoint_and_embeds_with_an_encoder(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    assert lighten("quantize", src, "-f", "int4:g32", "-o", tmp_path / "q").returncode == 0
+    result = lighten("run", tmp_path / "q", "-p", "the model is", "--max-new-tokens", 4, "--json")
+    assert result.returncode == 0, result.stderr
+    (gen,) = json.loads(result.stdout)["generations"]
+    assert 1 <= gen["new_tokens"] <= 4 and gen["decode_tokens_per_s"] > 0
+    bert = save_tiny("bert", tmp_path / "bert")
+    result = lighten("run", bert, "-p", "the model is light", "-p", "a small layer", "--json")
+    assert result.returncode == 0, result.stderr
+    cos = json.loads(result.stdout)["cosine"]
+    assert cos[0][0] == pytest.approx(1.0, abs=1e-5) and len(cos) == 2

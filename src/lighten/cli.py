@@ -124,6 +124,31 @@ def eval_(
 
 
 @app.command()
+def run(
+    model: Annotated[
+        str, typer.Argument(help="A lighten checkpoint (runs packed), built-in name or HF dir.")
+    ],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt or sentence (repeatable).")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt (causal LMs).")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Generate text (causal LMs, greedy) or embed sentences (encoders), with tokens/s."""
+    from lighten.pipeline import run_model
+
+    result = run_model(model, prompt, max_new_tokens)
+    if as_json:
+        return _print_json(result)
+    if result["kind"] == "encoder":
+        speed = f"{result['sentences_per_s']:.1f} sentences/s"
+        out.print(f"{len(prompt)} sentences embedded, dim {result['dim']}, {speed}")
+        rows = [[p[:40]] + [f"{c:.3f}" for c in row] for p, row in zip(prompt, result["cosine"], strict=True)]
+        return _print_table("cosine similarity", ["sentence"] + [str(i) for i in range(len(prompt))], rows)
+    for g in result["generations"]:
+        out.print(f"[bold]{g['prompt']}[/bold]{g['completion']}", highlight=False)
+        out.print(f"[dim]{g['new_tokens']} tokens, decode {g['decode_tokens_per_s']:.1f} tokens/s[/dim]")
+
+
+@app.command()
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where checkpoints and results go.")] = Path(
         "out/demo"
