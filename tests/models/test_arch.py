@@ -6,7 +6,7 @@ from tiny_models import tiny_model
 from transformers import T5Config, T5EncoderModel
 
 from lighten.errors import ModelError
-from lighten.models.arch import model_view, weight_out_in
+from lighten.models.arch import model_view, norm_groups, value_proj, weight_out_in
 
 
 @pytest.mark.parametrize(
@@ -67,3 +67,29 @@ def _norm_output_feeds(model, group) -> bool:
     for h in hooks:
         h.remove()
     return all(torch.equal(seen[name], seen["norm"]) for name in group.linears)
+
+
+@pytest.mark.parametrize("arch,n_groups", [("llama", 5), ("gpt2", 5), ("bert", 4)])
+def test_norm_groups_in_forward_order(arch, n_groups):
+    view = model_view(tiny_model(arch))
+    groups = norm_groups(view)
+    assert len(groups) == n_groups and groups[:2] == [view.blocks[0].attn, view.blocks[0].mlp]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_value_proj_rows_are_the_values(arch):
+    """Zeroing the rows value_proj names zeroes the attention output (softmax-weighted sums of values)."""
+    model = tiny_model(arch)
+    view = model_view(model)
+    block = view.blocks[0]
+    v, rows = value_proj(view, block)
+    with torch.no_grad():
+        weight_out_in(v)[rows] = 0
+        if v.bias is not None:
+            v.bias[rows] = 0
+    seen = {}
+    out = block.attn_out[1]
+    out.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(torch.tensor([[4, 5, 6, 7, 8]]))
+    assert seen["x"].abs().max() == 0

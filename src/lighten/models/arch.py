@@ -167,3 +167,20 @@ def _unsupported(model: nn.Module, why: str) -> ModelError:
 def weight_out_in(linear: nn.Module) -> torch.Tensor:
     """The weight as an [out, in] view (GPT-2's Conv1D stores [in, out]); writes go through to the module."""
     return linear.weight.t() if isinstance(linear, Conv1D) else linear.weight
+
+
+def norm_groups(view: ModelView) -> list[NormGroup]:
+    """Every norm with its readers, in forward order: each block's two, then the final norm (if any)."""
+    groups = [g for b in view.blocks for g in (b.attn, b.mlp)]
+    return groups + ([view.final] if view.final is not None else [])
+
+
+def value_proj(view: ModelView, block: Block) -> tuple[nn.Module, slice]:
+    """The linear that computes a block's attention values and which of its output rows they are
+    (GPT-2's c_attn computes q, k and v in one matmul; the others have a separate v / value linear)."""
+    if view.family == "gpt2":
+        (c_attn,) = block.attn.linears.values()
+        width = view.num_heads * view.head_dim
+        return c_attn, slice(2 * width, 3 * width)
+    _, _, v = block.attn.linears.values()  # q, k, v in that order
+    return v, slice(None)
