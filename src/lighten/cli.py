@@ -84,13 +84,26 @@ def quantize(
     ] = None,
     embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    surgery: Annotated[
+        str,
+        typer.Option(
+            help="Exact rewrites to apply first, comma-separated, in order: fold,rmsnorm,rotate,smooth|osplus"
+        ),
+    ] = "",
 ):
     """Round-to-nearest quantize every Linear weight and save packed codes + scales (safetensors)."""
     from lighten.pipeline import quantize_to_dir
     from lighten.quantize import DEFAULT_SKIP
 
+    steps = tuple(s.strip() for s in surgery.split(",") if s.strip())
     path = quantize_to_dir(
-        model, format, output, skip=tuple(skip) if skip else DEFAULT_SKIP, embeddings=embeddings, force=force
+        model,
+        format,
+        output,
+        skip=tuple(skip) if skip else DEFAULT_SKIP,
+        embeddings=embeddings,
+        force=force,
+        surgery=steps,
     )
     out.print(f"wrote {path}")
 

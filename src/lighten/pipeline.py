@@ -1,16 +1,20 @@
 """End-to-end jobs the CLI runs: model → plan → quantized checkpoint → evaluation."""
 
+import copy
 import time
 from pathlib import Path
 
 import torch
 
+from lighten.algorithms.activations import collect_input_stats
 from lighten.errors import LightenError
 from lighten.eval.compare import evaluate
+from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
 from lighten.export.checkpoint import is_checkpoint, load, save_checkpoint
 from lighten.models import load_model, model_kind, resolve
 from lighten.quantize import DEFAULT_SKIP, make_plan, quantize_weights
+from lighten.surgery import apply_surgery
 
 DEMO_MODELS = ("minilm", "smollm2-135m")
 DEMO_FORMATS = ("int8:channel", "int4:g128", "fp8_e4m3", "mxfp4", "nf4", "ternary")
@@ -24,13 +28,21 @@ def quantize_to_dir(
     embeddings: bool = False,
     force: bool = False,
     loaded=None,
+    surgery: tuple[str, ...] = (),
+    calibration_tokens: int = 2048,
 ) -> Path:
-    """Round-to-nearest quantize every planned weight of `model_name` to `spec` and save a checkpoint."""
-    model, _ = loaded or load_model(model_name)
-    plan = make_plan(model, spec, skip=skip, embeddings=embeddings)
-    return save_checkpoint(
-        model, quantize_weights(model, plan), resolve(model_name), model_name, out_dir, force
-    )
+    """Apply the exact `surgery` steps (if any), round-to-nearest quantize every planned weight of
+    `model_name` to `spec` and save a checkpoint. Smoothing statistics come from the calibration split.
+    A `loaded` (model, tokenizer) is not modified."""
+    model, tokenizer = loaded or load_model(model_name)
+    if surgery:
+        model = copy.deepcopy(model) if loaded else model
+        texts = wiki_texts("calibration")
+        apply_surgery(
+            model, list(surgery), stats=lambda m: collect_input_stats(m, tokenizer, texts, calibration_tokens)
+        )
+    quantized = quantize_weights(model, make_plan(model, spec, skip=skip, embeddings=embeddings))
+    return save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, surgery)
 
 
 def run_demo(

@@ -18,13 +18,15 @@ from torch import nn
 
 import lighten
 from lighten.atomic import atomic_dir
-from lighten.errors import ModelError
+from lighten.errors import LightenError, ModelError
 from lighten.formats import QuantizedTensor
 from lighten.models import build_model, load_model, model_kind
 from lighten.quantize import dequantize_weight
 from lighten.runtime import meta_parameters, pack_model
+from lighten.surgery import restore_input_rotations
 
 MANIFEST = "lighten.json"
+ONLINE_ROTATION = ".input_hadamard."
 WEIGHTS = "model.safetensors"
 # Small files a model directory needs besides its weights (config, tokenizer, sentence-transformers glue).
 SIDECAR_SUFFIXES = {".json", ".txt", ".model"}
@@ -53,8 +55,13 @@ def save_checkpoint(
     source_name: str,
     out_dir: str | Path,
     force: bool = False,
+    surgery: tuple[str, ...] = (),
 ) -> Path:
-    """Write a quantized model atomically; returns the output directory."""
+    """Write a quantized model atomically; returns the output directory.
+
+    `surgery` names the exact rewrites already applied to `model` (recorded in the manifest). The model's
+    own config is saved, since surgery may change it (folding unties lm_head)."""
+    require_reloadable(model)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     manifest_tensors = {}
@@ -72,12 +79,14 @@ def save_checkpoint(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"model": source_name, "path": str(source_dir)},
         "kind": model_kind(model),
+        "surgery": list(surgery),
         "tensors": manifest_tensors,
     }
     with atomic_dir(out_dir, force=force) as tmp:
         for f in Path(source_dir).iterdir():
             if f.is_file() and f.suffix in SIDECAR_SUFFIXES and f.name != MANIFEST and "index" not in f.name:
                 shutil.copy2(f, tmp / f.name)
+        model.config.save_pretrained(tmp)
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "producer": "lighten"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)
@@ -115,12 +124,15 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
         except KeyError as e:
             raise ModelError(f"{path / WEIGHTS} lacks tensor {e} named in {MANIFEST}") from e
         quantized[name] = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), parts)
+    # Online rotations (surgery "rotate") are not part of the HF architecture: re-attached after loading.
+    rotations = {k: state.pop(k) for k in list(state) if ONLINE_ROTATION in k}
     if not packed:
         state.update({name: dequantize_weight(model, name, q) for name, q in quantized.items()})
     # assign=True puts the loaded tensors in place of the meta parameters instead of copying into them.
     missing, unexpected = model.load_state_dict(state, strict=False, assign=packed)
     if packed:
         pack_model(model, quantized)
+    restore_input_rotations(model, rotations)
     model.tie_weights()
     loaded = state.keys() | quantized.keys()
     untied = [k for k in missing if k not in quantized and not _is_tied(model, k, loaded)]
@@ -129,6 +141,22 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
             f"{path} does not match its config: missing {untied[:5]}, unexpected {unexpected[:5]}"
         )
     return model.to(dtype or (torch.bfloat16 if packed else torch.float32)).eval(), tokenizer
+
+
+def require_reloadable(model: nn.Module) -> None:
+    """Refuse to save a model that its own config cannot rebuild: surgery that changes the architecture
+    (GPT-2's LayerNorm -> RMSNorm, a bias on lm_head from folding ln_f) would not load back."""
+    with meta_parameters():
+        shell = type(model)(model.config)
+    saved = {k for k in model.state_dict() if ONLINE_ROTATION not in k}
+    expected = set(shell.state_dict())
+    if saved != expected:
+        diff = sorted(saved ^ expected)
+        raise LightenError(
+            f"this {type(model).__name__} was changed beyond what its config describes ({', '.join(diff[:3])}"
+            f"{', ...' if len(diff) > 3 else ''}), so a checkpoint of it would not load back; apply that "
+            "surgery in memory (lighten.surgery) instead"
+        )
 
 
 def _is_tied(model: nn.Module, name: str, loaded: set[str]) -> bool:

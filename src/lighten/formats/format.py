@@ -133,10 +133,19 @@ class Format:
             out["scales_mean"] = (torch.float32, (1,))
         return out
 
-    def quantize(self, x: torch.Tensor) -> "QuantizedTensor":
+    def quantize(self, x: torch.Tensor, scales: dict[str, torch.Tensor] | None = None) -> "QuantizedTensor":
+        """Encode x. `scales` overrides the scale rule: the stored scale buffers to encode with (every
+        layout buffer but codes, e.g. another quantize call's), so values beyond the grid saturate.
+        Calibration uses it for scales chosen elsewhere: clipped (MSE search) or frozen (GPTQ)."""
         rows, k, g, groups = self.geometry(tuple(x.shape))
         v = _grouped(x.reshape(rows, k).float(), g, groups)
-        tensors = _SCALE_RULES[self.rule](self, v, (k - g * torch.arange(groups)).clamp(max=g))
+        if scales is None:
+            tensors = _SCALE_RULES[self.rule](self, v, (k - g * torch.arange(groups)).clamp(max=g))
+        else:
+            want = {name: layout for name, layout in self.layout(tuple(x.shape)).items() if name != "codes"}
+            if {name: (t.dtype, tuple(t.shape)) for name, t in scales.items()} != want:
+                raise SpecError(f"scales for a {self.name} tensor of shape {tuple(x.shape)} must be {want}")
+            tensors = dict(scales)
         # Encode with the scale exactly as stored (fp16-rounded, E8M0, double-quantized), so the
         # decoder sees the grid the encoder rounded to.
         scale, zero = self._scale_zero(tensors, rows, groups)

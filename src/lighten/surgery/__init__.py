@@ -19,7 +19,7 @@ from lighten.errors import LightenError
 from lighten.surgery.fold import fold_norm_affine, untie_lm_head
 from lighten.surgery.hadamard import Rotation, hadamard_matrix, random_rotation
 from lighten.surgery.rmsnorm import CRMSNorm, compress_rmsnorm, layernorm_to_rmsnorm
-from lighten.surgery.rotate import rotate_residual_hadamard
+from lighten.surgery.rotate import restore_input_rotations, rotate_residual_hadamard
 from lighten.surgery.smooth import outlier_suppression_plus, smooth_quant, smooth_values
 
 # In the only order they can be applied: smoothing leaves gains ≠ 1, which folding would undo and rotation
@@ -74,6 +74,7 @@ __all__ = [
     "Rotation",
     "apply_surgery",
     "compress_rmsnorm",
+    "restore_input_rotations",
     "fold_norm_affine",
     "hadamard_matrix",
     "layernorm_to_rmsnorm",

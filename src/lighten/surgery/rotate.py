@@ -65,13 +65,35 @@ def rotate_residual_hadamard(model: nn.Module, seed: int = 0, online: bool = Tru
                 _, down = block.mlp_out
                 h = random_rotation(weight_out_in(down).shape[1], seed + 1).to(device)
                 rotate_input(weight_out_in(down), h)
-                down.input_hadamard = h
-                down.register_forward_pre_hook(_input_hadamard)
+                attach_input_rotation(down, h)
         if heads:
             h = random_rotation(view.head_dim, seed + 2).to(device)
             for block in view.blocks:
                 _rotate_heads(view, block, h)
     return model
+
+
+def attach_input_rotation(module: nn.Module, rotation: Rotation) -> None:
+    """Rotate the module's input at every forward (the online Hadamard): module.input_hadamard, whose
+    buffers are saved in the state dict under "<module>.input_hadamard.*"."""
+    module.input_hadamard = rotation
+    module.register_forward_pre_hook(_input_hadamard)
+
+
+def restore_input_rotations(model: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Re-attach online rotations from saved "<module>.input_hadamard.factor<i>" / ".signs" buffers, e.g. to
+    a model rebuilt from its config, which knows nothing of them. A Hadamard rotation's factors are ±1 and
+    its scale 1/√n; the random orthogonal fallback is one dense factor with scale 1."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in buffers.items():
+        module, _, buffer = key.partition(".input_hadamard.")
+        by_module.setdefault(module, {})[buffer] = t
+    for module, bufs in by_module.items():
+        factors = [bufs[f"factor{i}"] for i in range(len(bufs) - 1)]
+        hadamard = all(bool(((f == 1) | (f == -1)).all()) for f in factors)
+        n = len(bufs["signs"])
+        rotation = Rotation(factors, bufs["signs"], n**-0.5 if hadamard else 1.0)
+        attach_input_rotation(model.get_submodule(module), rotation)
 
 
 def _input_hadamard(module: nn.Module, args: tuple) -> tuple:

@@ -1,0 +1,103 @@
+"""AWQ (activation-aware weight quantization): protect the input channels that carry large activations by
+scaling them up before quantization and folding the inverse scale into whatever produces the input.
+
+For a linear y = W x with per-input-channel scales s, W x = (W diag(s)) (diag(s)^-1 x) exactly. Quantizing
+W diag(s) instead of W gives the columns of salient channels (large mean |x|) more of each group's grid,
+at the cost of the others; s = mean|x|^alpha, with alpha searched on calibration inputs to minimise
+||Q(W diag(s)) diag(s)^-1 x - W x|| summed over the linears that read the same x. alpha = 0 is plain RTN.
+
+In a pre-norm block diag(s)^-1 folds exactly into the norm that feeds the linears (gamma and beta / s), so
+the model computes the same function with no extra op: only the quantization error changes.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from lighten import formats
+from lighten.algorithms.activations import InputStats
+from lighten.errors import LightenError
+from lighten.formats import Format, QuantizedTensor
+from lighten.models.arch import NormGroup, model_view, weight_out_in
+from lighten.progress import note
+from lighten.quantize import quantize_weights
+
+
+def awq_error(x: torch.Tensor, linears: list[nn.Module], fmt: Format, s: torch.Tensor) -> float:
+    """Squared output error on inputs x [tokens, in] of quantizing each linear with scales s."""
+    err = 0.0
+    for linear in linears:
+        w = weight_out_in(linear).detach().float()
+        w_hat = fmt.fake_quantize(w * s) / s
+        err += (x @ (w_hat - w).t()).square().sum().item()
+    return err
+
+
+def awq_search_scales(x: torch.Tensor, linears: list[nn.Module], fmt: Format, grid: int = 20) -> torch.Tensor:
+    """Per-input-channel scales s = mean|x|^alpha for the alpha in {0, 1/grid, ..., 1} with the least
+    awq_error over `linears` (which all read x [tokens, in]). Ties keep the smaller alpha."""
+    x = x.float()
+    mean_abs = x.abs().mean(0)
+    best_err, best = math.inf, None
+    for i in range(grid + 1):  # alpha = 0 gives s = 1: plain RTN
+        # Floor dead channels so s stays invertible; then centre s on 1 (a global factor is absorbed by
+        # the group scales anyway) to keep W diag(s) within the fp16 range of the stored scales.
+        s = mean_abs.pow(i / grid).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = awq_error(x, linears, fmt, s)
+        if err < best_err:
+            best_err, best = err, s
+    return best
+
+
+@torch.no_grad()
+def awq_fold(group: NormGroup, s: torch.Tensor) -> None:
+    """Fold scales into a pre-norm group in place: norm output / s, each reader's input columns * s."""
+    for p in (group.norm.weight, getattr(group.norm, "bias", None)):
+        if p is not None:
+            p.div_(s.to(p.dtype))
+    for linear in group.linears.values():
+        w = weight_out_in(linear)
+        w.mul_(s.to(w.dtype))
+
+
+def awq_scale_group(group: NormGroup, x: torch.Tensor, plan: dict[str, str], grid: int = 20) -> None:
+    """Search and fold the scales of one norm group, judged on the planned linears among its readers (the
+    others are folded too, which keeps them exact). No planned reader: nothing to do."""
+    planned = [name for name in group.linears if f"{name}.weight" in plan]
+    if not planned:
+        return
+    specs = {plan[f"{name}.weight"] for name in planned}
+    if len(specs) > 1:
+        raise LightenError(
+            f"AWQ shares one set of scales per norm; {group.name}'s readers are planned as {specs}"
+        )
+    s = awq_search_scales(x, [group.linears[name] for name in planned], formats.get(specs.pop()), grid)
+    awq_fold(group, s)
+
+
+def awq_apply(
+    model: nn.Module,
+    stats_or_inputs: dict[str, InputStats | torch.Tensor],
+    plan: dict[str, str],
+    grid: int = 20,
+) -> dict[str, QuantizedTensor]:
+    """AWQ on every norm group of the model's blocks, then RTN of the plan. `stats_or_inputs` maps each
+    linear's module name to its input rows [tokens, in] or InputStats with a sample (collect_input_stats
+    with samples > 0); one reader per group is enough. Modifies the model in place: the norms and linears
+    hold the folded weights that the returned tensors quantize. Post-norm models (BERT) get plain RTN: their
+    norms also write the residual stream, so a scale folded into them would not cancel."""
+    view = model_view(model)
+    if not view.pre_norm:
+        note(f"AWQ skipped: {view.family} is post-norm, so there is no norm to fold scales into; plain RTN")
+        return quantize_weights(model, plan)
+    for group in (g for block in view.blocks for g in (block.attn, block.mlp)):
+        source = next((stats_or_inputs[n] for n in group.linears if n in stats_or_inputs), None)
+        if source is None:
+            raise LightenError(f"AWQ needs the inputs of {group.name}'s readers ({', '.join(group.linears)})")
+        x = source.sample if isinstance(source, InputStats) else source
+        if len(x) == 0:
+            raise LightenError("AWQ needs input samples: collect_input_stats(..., samples=4096)")
+        awq_scale_group(group, x, plan, grid)
+    return quantize_weights(model, plan)

@@ -1,0 +1,178 @@
+"""Calibrated quantization of a whole model, one transformer block at a time.
+
+Capture what block 0 receives for each calibration window (hidden states plus the keyword arguments the
+model passes its blocks: attention mask, rotary cos/sin, ...), then for each block in turn: run it to
+gather what its linears need (GPTQ: input Hessians; AWQ: input samples), quantize its planned linears,
+write the dequantized weights back, and run it again to make the next block's inputs. Each block thus
+calibrates on the outputs of the already-quantized blocks before it, as GPTQ does, and memory holds one
+block's activations for all windows rather than the whole model's.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lighten import formats
+from lighten.algorithms.activations import token_windows
+from lighten.algorithms.awq import awq_scale_group
+from lighten.algorithms.gptq import gptq_quantize_layer
+from lighten.algorithms.rtn import mse_clip_quantize
+from lighten.errors import LightenError
+from lighten.formats import QuantizedTensor
+from lighten.models.arch import Block, model_view, weight_out_in
+from lighten.progress import note, track
+from lighten.quantize import dequantize_weight, quantize_weights
+
+ALGORITHMS = ("rtn", "mse", "gptq", "awq")
+AWQ_SAMPLES = 4096  # input rows per norm group for AWQ's scale search
+
+
+class _Captured(Exception):
+    """Raised by the hook on block 0 to stop the forward once the block's inputs are known."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+
+
+@torch.no_grad()
+def calibrate_model(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    plan: dict[str, str],
+    algorithm: str = "gptq",
+    n_tokens: int = 8192,
+    context: int = 512,
+    **options,
+) -> dict[str, QuantizedTensor]:
+    """Quantize every planned weight ([out, in], like quantize_weights) with `algorithm`, calibrated on
+    the first `n_tokens` tokens of `texts` in windows of `context` (see token_windows). `options` go to
+    the algorithm: gptq_quantize_layer's block_size, damp, act_order; mse_clip_quantize's grid; AWQ's grid.
+    rtn and mse need no data but run the same loop. Planned weights outside the blocks (lm_head,
+    embeddings) get RTN.
+
+    The model is modified in place: every planned weight ends up holding its dequantized value, and AWQ
+    also folds its scales into the norms (the returned tensors quantize the folded weights). Deep-copy
+    the model first to keep the original."""
+    if algorithm not in ALGORITHMS:
+        raise LightenError(f"unknown calibration algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    view = model_view(model)
+    if algorithm == "awq" and not view.pre_norm:
+        note(f"AWQ: {view.family} is post-norm, there is no norm to fold scales into; using plain RTN")
+        algorithm = "rtn"
+    model.eval()
+    windows = token_windows(tokenizer, texts, n_tokens, context)
+    inputs = _block_inputs(model, _layer(model, view.blocks[0])[1], windows)
+    quantized = {}
+    for block in track(view.blocks, f"{algorithm} calibration", total=len(view.blocks)):
+        prefix, layer = _layer(model, block)
+        linears = {
+            f"{prefix}.{n}": m
+            for n, m in layer.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and f"{prefix}.{n}.weight" in plan
+        }
+        hessians = _hessians(layer, inputs, linears) if algorithm == "gptq" else {}
+        if algorithm == "awq":
+            groups = (block.attn, block.mlp)
+            samples = _input_samples(layer, inputs, [next(iter(g.linears.values())) for g in groups])
+            for group, x in zip(groups, samples, strict=True):
+                awq_scale_group(group, x, plan, **options)
+        for name, linear in linears.items():
+            w = weight_out_in(linear)
+            fmt = formats.get(plan[f"{name}.weight"])
+            if algorithm == "gptq":
+                q = gptq_quantize_layer(w, hessians[name], fmt, **options)
+            elif algorithm == "mse":
+                q = mse_clip_quantize(w, fmt, **options)
+            else:
+                q = fmt.quantize(w.detach().float())
+            quantized[f"{name}.weight"] = q
+            w.copy_(q.dequantize())
+        inputs = [(_run(layer, x, args, kwargs), args, kwargs) for x, args, kwargs in inputs]
+    rest = {name: spec for name, spec in plan.items() if name not in quantized}
+    for name, q in quantize_weights(model, rest).items():
+        model.get_parameter(name).copy_(dequantize_weight(model, name, q))
+        quantized[name] = q
+    return {name: quantized[name] for name in plan}
+
+
+def _layer(model: nn.Module, block: Block) -> tuple[str, nn.Module]:
+    """The decoder layer holding a block: the deepest module that contains all its linears."""
+    names = [*block.attn.linears, block.attn_out[0], *block.mlp.linears, block.mlp_out[0]]
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    prefix = ".".join(common)
+    return prefix, model.get_submodule(prefix)
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, windows: list[torch.Tensor]) -> list:
+    """(hidden states, other args, kwargs) that `first` receives for each window. The forward stops at
+    `first`: the layers after it would only waste time."""
+
+    def trap(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    inputs = []
+    handle = first.register_forward_pre_hook(trap, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                model(input_ids=window[None], use_cache=False)
+            except _Captured as c:
+                args, kwargs = c.args, dict(c.kwargs)
+                x = args[0] if args else kwargs.pop("hidden_states")
+                inputs.append((x, args[1:], kwargs))
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _run(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = layer(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns (hidden, ...)
+
+
+def _hessians(layer: nn.Module, inputs: list, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / n of each linear's inputs X [n tokens, in] over all windows (GPTQ's Hessian)."""
+    width = {name: weight_out_in(m).shape[1] for name, m in linears.items()}
+    sums = {name: torch.zeros(k, k) for name, k in width.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def hook(name):
+        def accumulate(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name].addmm_(x.t(), x)
+            counts[name] += len(x)
+
+        return accumulate
+
+    _forward_with_hooks(layer, inputs, {m: hook(name) for name, m in linears.items()})
+    return {name: 2 * sums[name] / counts[name] for name in linears}
+
+
+def _input_samples(layer: nn.Module, inputs: list, modules: list[nn.Module]) -> list[torch.Tensor]:
+    """About AWQ_SAMPLES evenly spaced input rows of each module over all windows."""
+    every = math.ceil(sum(x.shape[:-1].numel() for x, _, _ in inputs) / AWQ_SAMPLES)
+    rows = {m: [] for m in modules}
+
+    def hook(module, args):
+        rows[module].append(args[0].reshape(-1, args[0].shape[-1])[::every].float())
+
+    _forward_with_hooks(layer, inputs, dict.fromkeys(modules, hook))
+    return [torch.cat(rows[m]) for m in modules]
+
+
+def _forward_with_hooks(layer: nn.Module, inputs: list, hooks: dict) -> None:
+    handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
+    try:
+        for x, args, kwargs in inputs:
+            _run(layer, x, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,88 @@
+"""GPTQ (OPTQ): quantize a linear layer's weight column by column, each rounding error compensated by the
+columns not yet quantized, so that the layer output on calibration inputs X moves as little as possible.
+
+The objective is ||X (W_hat - W)^T||^2 over calibration inputs X [n, in]; its Hessian in each row of W
+is H = 2 X^T X (the same for all rows). Quantizing column i with error e = w_i - q_i is best compensated
+by subtracting e / [H^-1]_ii times row i of H^-1 from the later columns; with the upper Cholesky factor
+of H^-1 the updates of all later steps read off one row each. Updates are applied lazily: inside a block
+of columns immediately, to the columns after the block once per block (one matmul).
+"""
+
+import torch
+
+from lighten.algorithms.rtn import scale_buffers
+from lighten.errors import LightenError
+from lighten.formats import Format, QuantizedTensor
+
+
+def gptq_quantize_layer(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    fmt: Format,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> QuantizedTensor:
+    """GPTQ of w [out, in] given the input Hessian H [in, in] (2 X^T X / n): a QuantizedTensor of `fmt`
+    (any zoo format but nf4:dq) laid out exactly as fmt.quantize would. A group's scale is chosen by
+    fmt's rule when the quantizer reaches the group's first column, from the weights as updated so far.
+    With act_order the columns go in order of decreasing H_ii (most salient first) and the scales are
+    fixed up front from the original weights ("static groups"), so each group keeps one scale whatever
+    order its columns come in."""
+    if fmt.dq:
+        raise LightenError(
+            f"GPTQ cannot produce {fmt.name}: its double quantization couples the scales of all groups, "
+            "which are chosen one group at a time here. Use nf4 (or any format without :dq)."
+        )
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+    k = W.shape[1]
+    g = min(fmt.geometry(tuple(W.shape))[2], k)  # "tensor" granularity: one scale, chosen at column 0
+    # A dead input (never nonzero in calibration) leaves its weights free: zero them and keep H invertible.
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    # S holds, for each group, the weights its scale was computed from.
+    S = W.clone()
+    group_scales = {}  # first column of a group -> its scale buffers
+    if act_order:
+        group_scales = {c: scale_buffers(fmt.quantize(W[:, c : c + g])) for c in range(0, k, g)}
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+
+    # Dampening keeps H positive definite when X is rank-deficient (fewer tokens than inputs, copies).
+    H.diagonal().add_(damp * H.diagonal().mean())
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise LightenError(f"GPTQ: the input Hessian is not positive definite; raise damp ({damp})") from e
+
+    # Work on W^T so that a column is a contiguous row and each update is one rank-1 addr_.
+    Wt = W.t().contiguous()
+    U = torch.zeros(k, W.shape[0])  # each column as it was when rounded
+    starts = _block_starts(k, k if act_order else g, block_size)
+    for i1, i2 in zip(starts, starts[1:] + [k], strict=True):
+        W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]  # W1 is a view: updates land in Wt
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            c = int(perm[i1 + i])  # the column's index in the original order
+            if not act_order and c % g == 0:
+                # Blocks never split a group (see _block_starts), so these columns are fully updated.
+                S[:, c : c + g] = Wt[c : c + g].t()
+                group_scales[c] = scale_buffers(fmt.quantize(S[:, c : c + g]))
+            U[i1 + i] = W1[i]
+            q = fmt.quantize(W1[i, :, None], scales=group_scales[c - c % g]).dequantize()[:, 0]
+            Err1[i] = (W1[i] - q) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
+
+    # Encoding is elementwise given the scales, so this returns exactly the codes rounded above.
+    return fmt.quantize(U.t()[:, torch.argsort(perm)], scales=scale_buffers(fmt.quantize(S)))
+
+
+def _block_starts(k: int, g: int, block_size: int) -> list[int]:
+    """First column of each lazy-update block, laid out so that a group starts at a block start (when
+    g > block_size) or lies inside one block (when g <= block_size, blocks are a multiple of g wide)."""
+    if g <= block_size:
+        return list(range(0, k, block_size // g * g))
+    return [s + b for s in range(0, k, g) for b in range(0, min(g, k - s), block_size)]

@@ -1,0 +1,246 @@
+"""Recipes: a whole quantization job in one YAML file, so a result can be reproduced from a name.
+
+    name: int4-g128-keep-sensitive
+    surgery: [fold]                  # lighten.surgery.SURGERY_STEPS, applied in order by apply_surgery
+    algorithm: gptq                  # rtn | mse | gptq | awq
+    format: int4:g128                # default spec for every planned weight
+    embeddings: false                # also quantize embedding tables (tied lm_heads follow them)
+    rules:                           # first match wins; `keep` leaves a weight in full precision
+      - {pattern: '\\.(0|{last})\\.mlp\\.down_proj\\.weight$', format: int8:channel}
+    budget:                          # optional: choose among candidates per weight under a size budget
+      size: 4.5bits                  # or bytes: 60MB, 57.2MiB
+      candidates: [int3:g128, int4:g128, int8:channel]
+    calibration: {tokens: 512, context: 256}
+
+In a rule pattern `{last}` stands for the index of the model's last block, so one recipe fits models of
+any depth. lm_head stays in full precision unless a rule names it (lighten.quantize.DEFAULT_SKIP).
+`load_recipe("budget-4.5bits")` reads a shipped recipe; a path reads the user's own.
+"""
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from lighten import formats
+from lighten.algorithms.allocate import allocate_ilp, allocation_table, candidate_sizes, parse_budget
+from lighten.algorithms.calibrate import ALGORITHMS
+from lighten.algorithms.sensitivity import layer_sensitivity
+from lighten.errors import LightenError, SpecError
+from lighten.quantize import DEFAULT_SKIP, make_plan
+from lighten.surgery import SURGERY_STEPS
+
+KEEP = "keep"
+KEYS = (
+    "name",
+    "description",
+    "surgery",
+    "algorithm",
+    "format",
+    "embeddings",
+    "rules",
+    "budget",
+    "calibration",
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # regex searched in weight names; `{last}` is the last block's index
+    format: str  # canonical spec, or KEEP
+
+
+@dataclass(frozen=True)
+class Budget:
+    size: str  # "4.5bits", "60MB": parsed with parse_budget against the planned weights
+    candidates: tuple[str, ...]  # canonical specs
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tokens: int = 512
+    context: int = 256
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    format: str  # canonical spec
+    algorithm: str = "rtn"
+    description: str = ""
+    surgery: tuple[str, ...] = ()
+    embeddings: bool = False
+    rules: tuple[Rule, ...] = ()
+    budget: Budget | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def rule_for(self, weight_name: str, n_blocks: int) -> Rule | None:
+        """The first rule whose pattern matches `weight_name`, or None."""
+        return next((r for r in self.rules if re.search(_pattern(r.pattern, n_blocks), weight_name)), None)
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in _shipped().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """A recipe from a YAML file, or from the shipped recipe of that name; LightenError naming the key."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        if path.suffix in (".yaml", ".yml") or str(path_or_name) not in shipped_recipes():
+            shipped = ", ".join(shipped_recipes())
+            raise LightenError(f"no recipe file or shipped recipe {str(path_or_name)!r}; shipped: {shipped}")
+        path = _shipped() / f"{path_or_name}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise LightenError(f"{path} is not valid YAML: {e}") from e
+    return parse_recipe(data, default_name=path.name.removesuffix(path.suffix), where=str(path))
+
+
+def parse_recipe(data, default_name: str = "recipe", where: str = "recipe") -> Recipe:
+    """Validate the mapping a recipe file holds; every error names the offending key."""
+
+    def fail(key: str, problem: str):
+        raise LightenError(f"{where}: {key}: {problem}")
+
+    def spec(key: str, value) -> str:
+        try:
+            return formats.get(value).name
+        except SpecError as e:
+            raise SpecError(f"{where}: {key}: {e}") from e
+
+    def string_list(key: str, value) -> list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail(key, f"must be a list of strings, got {value!r}")
+        return value
+
+    if not isinstance(data, dict):
+        fail("(top level)", f"a recipe is a mapping of {', '.join(KEYS)}; got {type(data).__name__}")
+    for key in data:
+        if key not in KEYS:
+            fail(key, f"unknown key; valid keys: {', '.join(KEYS)}")
+    if "format" not in data:
+        fail("format", "missing: the default format spec, e.g. int4:g128")
+    for key in ("name", "description"):
+        if not isinstance(data.get(key, ""), str):
+            fail(key, "must be a string")
+    surgery = string_list("surgery", data.get("surgery", []))
+    # Names are checked now, so a typo fails before the model loads; apply_surgery checks their order.
+    for i, step in enumerate(surgery):
+        if step not in SURGERY_STEPS:
+            fail(f"surgery[{i}]", f"unknown step {step!r}; known: {', '.join(SURGERY_STEPS)}")
+    algorithm = data.get("algorithm", "rtn")
+    if algorithm not in ALGORITHMS:
+        fail("algorithm", f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if not isinstance(data.get("embeddings", False), bool):
+        fail("embeddings", "must be true or false")
+    rules = []
+    if not isinstance(data.get("rules", []), list):
+        fail("rules", "must be a list of {pattern: regex, format: spec | keep}")
+    for i, rule in enumerate(data.get("rules", [])):
+        key = f"rules[{i}]"
+        if not isinstance(rule, dict) or set(rule) != {"pattern", "format"}:
+            fail(key, f"must be {{pattern: regex, format: spec | keep}}, got {rule!r}")
+        try:
+            re.compile(_pattern(str(rule["pattern"]), 1))
+        except re.error as e:
+            fail(f"{key}.pattern", f"bad regex {rule['pattern']!r}: {e}")
+        fmt = KEEP if str(rule["format"]).strip().lower() == KEEP else spec(f"{key}.format", rule["format"])
+        rules.append(Rule(str(rule["pattern"]), fmt))
+    budget = data.get("budget")
+    if budget is not None:
+        if not isinstance(budget, dict) or set(budget) != {"size", "candidates"}:
+            fail("budget", f"must be {{size: 4.5bits | 60MB, candidates: [specs]}}, got {budget!r}")
+        try:
+            parse_budget(budget["size"], 1)  # the form only: the weight count is the model's
+        except LightenError as e:
+            fail("budget.size", str(e))
+        candidates = string_list("budget.candidates", budget["candidates"])
+        if len(candidates) < 2:
+            fail("budget.candidates", "needs at least two specs to choose between")
+        budget = Budget(
+            str(budget["size"]), tuple(spec(f"budget.candidates[{i}]", c) for i, c in enumerate(candidates))
+        )
+    calibration = data.get("calibration", {})
+    if not isinstance(calibration, dict) or not set(calibration) <= {"tokens", "context"}:
+        fail("calibration", f"must be {{tokens: int, context: int}}, got {calibration!r}")
+    for key, value in calibration.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            fail(f"calibration.{key}", f"must be an integer >= 2, got {value!r}")
+    return Recipe(
+        name=data.get("name", default_name),
+        format=spec("format", data["format"]),
+        algorithm=algorithm,
+        description=data.get("description", ""),
+        surgery=tuple(surgery),
+        embeddings=data.get("embeddings", False),
+        rules=tuple(rules),
+        budget=budget,
+        calibration=Calibration(**calibration),
+    )
+
+
+def plan_from_recipe(model: nn.Module, recipe: Recipe) -> dict[str, str]:
+    """{weight name: spec} from the rules (first match wins) and the default format. A budget is not
+    applied here: `budget_plan` chooses among its candidates for the weights no rule fixes."""
+    n_blocks = model.config.num_hidden_layers
+    plan = {}
+    for name, default in make_plan(model, recipe.format, skip=(), embeddings=recipe.embeddings).items():
+        rule = recipe.rule_for(name, n_blocks)
+        if rule is None and any(re.search(p, name) for p in DEFAULT_SKIP):
+            continue
+        spec = rule.format if rule else default
+        if spec != KEEP:
+            plan[name] = spec
+    if not plan:
+        raise LightenError(
+            f"recipe {recipe.name!r} keeps every weight in full precision: nothing to quantize"
+        )
+    return plan
+
+
+def budget_candidates(model: nn.Module, recipe: Recipe) -> dict[str, list[str]]:
+    """{weight name: specs to choose from}: a weight a rule fixes has that one spec, the others the
+    budget's candidates (the default format alone when the recipe has no budget)."""
+    n_blocks = model.config.num_hidden_layers
+    choices = list(recipe.budget.candidates) if recipe.budget else [recipe.format]
+    return {
+        name: [spec] if recipe.rule_for(name, n_blocks) else choices
+        for name, spec in plan_from_recipe(model, recipe).items()
+    }
+
+
+def budget_plan(model: nn.Module, tokenizer, recipe: Recipe, texts: list[str]) -> tuple[dict[str, str], list]:
+    """(plan, allocation table) for a recipe with a budget: measure each weight's sensitivity to each
+    candidate on the calibration text, then solve the allocation ILP under the budget."""
+    if recipe.budget is None:
+        raise LightenError(f"recipe {recipe.name!r} has no budget: use plan_from_recipe")
+    candidates = budget_candidates(model, recipe)
+    probed = {name: specs for name, specs in candidates.items() if len(specs) > 1}
+    costs = layer_sensitivity(
+        model,
+        tokenizer,
+        texts,
+        probed,
+        n_tokens=recipe.calibration.tokens,
+        context=recipe.calibration.context,
+    )
+    # A weight a rule fixes has one option, so its cost is the same in every plan: 0 changes no choice.
+    costs |= {(name, specs[0]): 0.0 for name, specs in candidates.items() if len(specs) == 1}
+    sizes = candidate_sizes(model, candidates)
+    n_weights = sum(model.get_parameter(name).numel() for name in candidates)
+    plan = allocate_ilp(costs, sizes, parse_budget(recipe.budget.size, n_weights))
+    return plan, allocation_table(plan, costs, sizes)
+
+
+def _pattern(pattern: str, n_blocks: int) -> str:
+    # Plain replace, not str.format: regex braces ({2}, {1,3}) must pass through untouched.
+    return pattern.replace("{last}", str(n_blocks - 1))
+
+
+def _shipped():
+    return resources.files("lighten") / "recipes"

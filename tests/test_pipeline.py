@@ -1,0 +1,54 @@
+"""quantize_to_dir with surgery: the checkpoint reloads to exactly the rewritten, quantized model."""
+
+import pytest
+import torch
+from tiny_models import save_tiny
+
+from lighten import formats
+from lighten.errors import LightenError
+from lighten.export.checkpoint import load, read_manifest
+from lighten.models import load_model
+from lighten.pipeline import quantize_to_dir
+from lighten.quantize import make_plan
+from lighten.surgery import apply_surgery
+
+IDS = torch.tensor([[4, 9, 17, 30, 5, 22, 8]])
+
+
+def _randomize_norms(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_fold_rotate_checkpoint_reloads_exactly(tmp_path):
+    src = tmp_path / "src"
+    save_tiny("llama", src)
+    model, tokenizer = load_model(src)
+    _randomize_norms(model).save_pretrained(src)
+    out = quantize_to_dir(str(src), "int8:channel", tmp_path / "q", surgery=("fold", "rotate"))
+    assert read_manifest(out)["surgery"] == ["fold", "rotate"]
+
+    # Independent path: the same rewrites in memory, then each planned weight fake-quantized in place.
+    expected, _ = load_model(src)
+    apply_surgery(expected, ["fold", "rotate"])
+    fmt = formats.get("int8:channel")
+    with torch.no_grad():
+        for name in make_plan(expected, "int8:channel"):
+            w = expected.get_parameter(name)
+            w.copy_(fmt.fake_quantize(w))
+        want = expected(IDS).logits
+        got = load(out)[0](IDS).logits
+        packed = load(out, packed=True)[0](IDS).logits.float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (packed - want).abs().max() <= 0.05 * want.abs().max()  # bf16 runtime
+
+
+def test_surgery_that_changes_the_architecture_is_refused_before_writing(tmp_path):
+    src = save_tiny("gpt2", tmp_path / "src")
+    with pytest.raises(LightenError, match="would not load back"):
+        quantize_to_dir(str(src), "int8", tmp_path / "q", surgery=("fold", "rmsnorm"))
+    assert not (tmp_path / "q").exists()
