@@ -106,3 +106,61 @@ def test_run_generates_from_a_packed_checkpoint_and_embeds_with_an_encoder(tmp_p
     assert result.returncode == 0, result.stderr
     cos = json.loads(result.stdout)["cosine"]
     assert cos[0][0] == pytest.approx(1.0, abs=1e-5) and len(cos) == 2
+
+
+def test_inspect_writes_json_and_plot(tmp_path):
+    src = save_tiny("gpt2", tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(400))
+    png = tmp_path / "out.png"
+    result = lighten("inspect", src, "--text", text, "--tokens", 128, "--plot", png, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["family"] == "gpt2" and len(report["sites"]) == 2 * 4 + 1
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_quantize_with_gptq_and_with_a_budget(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    result = lighten(
+        "quantize",
+        src,
+        "-f",
+        "int4:g32",
+        "--algorithm",
+        "gptq",
+        "--calibration-tokens",
+        64,
+        "-o",
+        tmp_path / "gptq",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "gptq" / "lighten.json").read_text())["recipe"]["algorithm"] == "gptq"
+    result = lighten(
+        "quantize",
+        src,
+        "-f",
+        "int4:g32",
+        "--budget",
+        "6bits",
+        "--candidates",
+        "int4:g32,int8",
+        "--calibration-tokens",
+        64,
+        "-o",
+        tmp_path / "mixed",
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "mixed" / "lighten.json").read_text())
+    assert {t["spec"] for t in manifest["tensors"].values()} == {"int4:g32:sym", "int8:channel:sym"}
+    assert len(manifest["allocation"]) == len(manifest["tensors"])
+
+
+def test_recipe_and_its_conflicts(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    result = lighten("quantize", src, "--recipe", "int8-weights", "-o", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    assert_user_error(
+        lighten("quantize", src, "--recipe", "int8-weights", "-f", "int4", "-o", tmp_path / "r"), "--recipe"
+    )
+    assert_user_error(lighten("quantize", src, "-o", tmp_path / "r"), "--format")

@@ -10,6 +10,7 @@ from lighten.export.checkpoint import load, read_manifest
 from lighten.models import load_model
 from lighten.pipeline import quantize_to_dir
 from lighten.quantize import make_plan
+from lighten.recipes import recipe_from_options
 from lighten.surgery import apply_surgery
 
 IDS = torch.tensor([[4, 9, 17, 30, 5, 22, 8]])
@@ -29,8 +30,10 @@ def test_fold_rotate_checkpoint_reloads_exactly(tmp_path):
     save_tiny("llama", src)
     model, tokenizer = load_model(src)
     _randomize_norms(model).save_pretrained(src)
-    out = quantize_to_dir(str(src), "int8:channel", tmp_path / "q", surgery=("fold", "rotate"))
-    assert read_manifest(out)["surgery"] == ["fold", "rotate"]
+    out, _ = quantize_to_dir(
+        str(src), recipe_from_options("int8:channel", surgery=("fold", "rotate")), tmp_path / "q"
+    )
+    assert read_manifest(out)["recipe"]["surgery"] == ["fold", "rotate"]
 
     # Independent path: the same rewrites in memory, then each planned weight fake-quantized in place.
     expected, _ = load_model(src)
@@ -50,5 +53,5 @@ def test_fold_rotate_checkpoint_reloads_exactly(tmp_path):
 def test_surgery_that_changes_the_architecture_is_refused_before_writing(tmp_path):
     src = save_tiny("gpt2", tmp_path / "src")
     with pytest.raises(LightenError, match="would not load back"):
-        quantize_to_dir(str(src), "int8", tmp_path / "q", surgery=("fold", "rmsnorm"))
+        quantize_to_dir(str(src), recipe_from_options("int8", surgery=("fold", "rmsnorm")), tmp_path / "q")
     assert not (tmp_path / "q").exists()

@@ -72,40 +72,96 @@ def formats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON ins
 
 
 @app.command()
+def inspect(
+    model: Annotated[
+        str, typer.Argument(help="Built-in name, Hugging Face model dir or lighten checkpoint.")
+    ],
+    text: Annotated[
+        Path | None, typer.Option(help="UTF-8 calibration text (default: Wikipedia calibration split).")
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens to run through the model.")] = 2048,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of per-layer outlier magnitude here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+):
+    """Where the model's outliers are and why: per layer activation/weight outliers, norm gains, RTN error."""
+    from lighten.eval import read_text_file
+    from lighten.export.checkpoint import load
+    from lighten.inspect import inspect_model, inspect_table, plot_outliers
+
+    texts = [read_text_file(text)] if text is not None else None
+    loaded, tokenizer = load(model)
+    report = inspect_model(loaded, tokenizer, texts, n_tokens=tokens)
+    if plot is not None:
+        plot_outliers(report, plot)
+    if as_json:
+        return _print_json(report)
+    _print_table(
+        f"{model}: outliers per site ({report.get('n_tokens', tokens)} tokens)", *inspect_table(report)
+    )
+    if plot is not None:
+        out.print(f"plot written to {plot}")
+
+
+@app.command()
 def quantize(
     model: Annotated[
         str, typer.Argument(help="Built-in name (minilm, smollm2-135m) or a Hugging Face model dir.")
     ],
-    format: Annotated[str, typer.Option("--format", "-f", help="Format spec, e.g. int4:g128, nf4, mxfp4.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
-    skip: Annotated[
-        list[str] | None,
-        typer.Option(help="Regex on module names to keep in full precision (repeatable). Default: lm_head."),
+    format: Annotated[
+        str | None, typer.Option("--format", "-f", help="Format spec: int4:g128, nf4, ...")
     ] = None,
-    embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    algorithm: Annotated[str, typer.Option(help="rtn, mse (clip search), gptq or awq.")] = "rtn",
     surgery: Annotated[
-        str,
-        typer.Option(
-            help="Exact rewrites to apply first, comma-separated, in order: fold,rmsnorm,rotate,smooth|osplus"
-        ),
+        str, typer.Option(help="Exact rewrites first, in order: fold,rmsnorm,rotate,smooth|osplus")
     ] = "",
+    budget: Annotated[
+        str | None, typer.Option(help="Mixed precision under a budget: 4.5bits, 60MB, ...")
+    ] = None,
+    candidates: Annotated[str, typer.Option(help="Comma-separated specs the budget chooses from.")] = "",
+    skip: Annotated[list[str] | None, typer.Option(help="Regex of weights to keep (repeatable).")] = None,
+    embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
+    calibration_tokens: Annotated[int | None, typer.Option(help="Calibration tokens (default 512).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="A recipe YAML file or shipped recipe name.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
-    """Round-to-nearest quantize every Linear weight and save packed codes + scales (safetensors)."""
+    """Quantize and save packed codes + scales: a recipe, or a format (+ algorithm, surgery, budget)."""
     from lighten.pipeline import quantize_to_dir
-    from lighten.quantize import DEFAULT_SKIP
+    from lighten.recipes import load_recipe, recipe_from_options
 
-    steps = tuple(s.strip() for s in surgery.split(",") if s.strip())
-    path = quantize_to_dir(
-        model,
-        format,
-        output,
-        skip=tuple(skip) if skip else DEFAULT_SKIP,
-        embeddings=embeddings,
-        force=force,
-        surgery=steps,
-    )
+    if recipe is not None:
+        if format or surgery or budget or candidates or skip or embeddings or algorithm != "rtn":
+            raise LightenError(
+                "--recipe describes the whole job: drop --format/--algorithm/--surgery/--budget/..."
+            )
+        plan = load_recipe(recipe)
+    elif format is None:
+        raise LightenError("give --format SPEC (see `lighten formats`) or --recipe")
+    else:
+        plan = recipe_from_options(
+            format,
+            algorithm,
+            _csv(surgery),
+            tuple(skip or ()),
+            embeddings,
+            budget,
+            _csv(candidates),
+            calibration_tokens,
+        )
+    path, table = quantize_to_dir(model, plan, output, force=force)
+    if table:
+        _print_table(
+            "allocation",
+            ["weight", "format", "bytes", "sensitivity"],
+            [[r["name"], r["format"], str(r["bytes"]), f"{r['sensitivity']:.3g}"] for r in table],
+        )
     out.print(f"wrote {path}")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @app.command("eval")

@@ -7,42 +7,47 @@ from pathlib import Path
 import torch
 
 from lighten.algorithms.activations import collect_input_stats
+from lighten.algorithms.calibrate import calibrate_model
 from lighten.errors import LightenError
 from lighten.eval.compare import evaluate
 from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
 from lighten.export.checkpoint import is_checkpoint, load, save_checkpoint
 from lighten.models import load_model, model_kind, resolve
-from lighten.quantize import DEFAULT_SKIP, make_plan, quantize_weights
+from lighten.quantize import quantize_weights
+from lighten.recipes import Recipe, budget_plan, plan_from_recipe
 from lighten.surgery import apply_surgery
 
 DEMO_MODELS = ("minilm", "smollm2-135m")
 DEMO_FORMATS = ("int8:channel", "int4:g128", "fp8_e4m3", "mxfp4", "nf4", "ternary")
 
 
-def quantize_to_dir(
-    model_name: str,
-    spec: str,
-    out_dir: str | Path,
-    skip: tuple[str, ...] = DEFAULT_SKIP,
-    embeddings: bool = False,
-    force: bool = False,
-    loaded=None,
-    surgery: tuple[str, ...] = (),
-    calibration_tokens: int = 2048,
-) -> Path:
-    """Apply the exact `surgery` steps (if any), round-to-nearest quantize every planned weight of
-    `model_name` to `spec` and save a checkpoint. Smoothing statistics come from the calibration split.
-    A `loaded` (model, tokenizer) is not modified."""
+def quantize_to_dir(model_name: str, recipe: Recipe, out_dir: str | Path, force: bool = False, loaded=None):
+    """Run a recipe on a model and save the checkpoint: exact surgery, then the plan (rules, or sensitivity
+    + ILP under a budget), then the algorithm. Calibration text is the calibration split of the Wikipedia
+    summaries. A `loaded` (model, tokenizer) is left unmodified. Returns (path, allocation table or None)."""
     model, tokenizer = loaded or load_model(model_name)
-    if surgery:
-        model = copy.deepcopy(model) if loaded else model
-        texts = wiki_texts("calibration")
-        apply_surgery(
-            model, list(surgery), stats=lambda m: collect_input_stats(m, tokenizer, texts, calibration_tokens)
+    calibrates = recipe.surgery or recipe.budget or recipe.algorithm != "rtn"
+    if loaded and calibrates:
+        model = copy.deepcopy(model)
+    texts = wiki_texts("calibration") if calibrates else []
+    tokens, context = recipe.calibration.tokens, recipe.calibration.context
+    apply_surgery(
+        model, list(recipe.surgery), stats=lambda m: collect_input_stats(m, tokenizer, texts, tokens, context)
+    )
+    plan, table = (
+        budget_plan(model, tokenizer, recipe, texts)
+        if recipe.budget
+        else (plan_from_recipe(model, recipe), None)
+    )
+    if recipe.algorithm == "rtn":
+        quantized = quantize_weights(model, plan)
+    else:
+        quantized = calibrate_model(
+            model, tokenizer, texts, plan, recipe.algorithm, n_tokens=tokens, context=context
         )
-    quantized = quantize_weights(model, make_plan(model, spec, skip=skip, embeddings=embeddings))
-    return save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, surgery)
+    path = save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
+    return path, table
 
 
 def run_demo(

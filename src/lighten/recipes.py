@@ -184,6 +184,35 @@ def parse_recipe(data, default_name: str = "recipe", where: str = "recipe") -> R
     )
 
 
+def recipe_from_options(
+    format: str,
+    algorithm: str = "rtn",
+    surgery: tuple[str, ...] = (),
+    keep: tuple[str, ...] = (),
+    embeddings: bool = False,
+    budget: str | None = None,
+    candidates: tuple[str, ...] = (),
+    calibration_tokens: int | None = None,
+) -> Recipe:
+    """The recipe that command-line options describe, validated like a file: `keep` regexes become
+    {pattern, keep} rules; a budget needs candidates."""
+    data = {
+        "name": "command line",
+        "format": format,
+        "algorithm": algorithm,
+        "surgery": list(surgery),
+        "embeddings": embeddings,
+        "rules": [{"pattern": p, "format": KEEP} for p in keep],
+    }
+    if budget is not None:
+        data["budget"] = {"size": budget, "candidates": list(candidates)}
+    elif candidates:
+        raise LightenError("--candidates only makes sense with --budget")
+    if calibration_tokens is not None:
+        data["calibration"] = {"tokens": calibration_tokens}
+    return parse_recipe(data, where="options")
+
+
 def plan_from_recipe(model: nn.Module, recipe: Recipe) -> dict[str, str]:
     """{weight name: spec} from the rules (first match wins) and the default format. A budget is not
     applied here: `budget_plan` chooses among its candidates for the weights no rule fixes."""

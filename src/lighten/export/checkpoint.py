@@ -7,6 +7,7 @@ Layout of a checkpoint directory:
 """
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import shutil
@@ -55,12 +56,14 @@ def save_checkpoint(
     source_name: str,
     out_dir: str | Path,
     force: bool = False,
-    surgery: tuple[str, ...] = (),
+    recipe=None,
+    allocation: list[dict] | None = None,
 ) -> Path:
     """Write a quantized model atomically; returns the output directory.
 
-    `surgery` names the exact rewrites already applied to `model` (recorded in the manifest). The model's
-    own config is saved, since surgery may change it (folding unties lm_head)."""
+    The manifest records the `recipe` that made it (surgery steps, algorithm, rules, budget) and the
+    `allocation` table of a budgeted plan. The model's own config is saved, since surgery may change it
+    (folding unties lm_head)."""
     require_reloadable(model)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -79,7 +82,8 @@ def save_checkpoint(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"model": source_name, "path": str(source_dir)},
         "kind": model_kind(model),
-        "surgery": list(surgery),
+        "recipe": dataclasses.asdict(recipe) if recipe is not None else None,
+        "allocation": allocation,
         "tensors": manifest_tensors,
     }
     with atomic_dir(out_dir, force=force) as tmp:
