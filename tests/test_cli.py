@@ -164,3 +164,19 @@ def test_recipe_and_its_conflicts(tmp_path):
         lighten("quantize", src, "--recipe", "int8-weights", "-f", "int4", "-o", tmp_path / "r"), "--recipe"
     )
     assert_user_error(lighten("quantize", src, "-o", tmp_path / "r"), "--format")
+
+
+def test_export_targets_and_refusals(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    assert lighten("quantize", src, "-f", "int4:g32", "-o", tmp_path / "q").returncode == 0
+    result = lighten("export", tmp_path / "q", "--to", "compressed-tensors", "-o", tmp_path / "ct")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert_user_error(
+        lighten("export", tmp_path / "q", "--to", "compressed-tensors", "-o", tmp_path / "ct"), "--force"
+    )
+    assert_user_error(lighten("export", tmp_path / "q", "--to", "onnx", "-o", tmp_path / "x"), "gguf")
+    # The tiny tokenizer is word-level; GGUF export supports byte-level BPE tokenizers only.
+    assert_user_error(lighten("export", tmp_path / "q", "--to", "gguf", "-o", tmp_path / "m.gguf"))
+    assert not (tmp_path / "m.gguf").exists()

@@ -218,6 +218,26 @@ def run(
 
 
 @app.command()
+def export(
+    source: Annotated[
+        str, typer.Argument(help="A lighten checkpoint (or, for GGUF, any model lighten loads).")
+    ],
+    to: Annotated[str, typer.Option(help="gguf or compressed-tensors.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="GGUF file or compressed-tensors directory.")
+    ],
+    type: Annotated[
+        str, typer.Option("--type", help="GGUF tensor type: F16, Q8_0, Q4_0, Q6_K, Q4_K.")
+    ] = "Q8_0",
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+):
+    """Export for llama.cpp (GGUF, Llama/Qwen2) or vLLM (compressed-tensors, int4/int8 checkpoints)."""
+    from lighten.pipeline import export_model
+
+    out.print(f"wrote {export_model(source, to, output, type, force)}")
+
+
+@app.command()
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where checkpoints and results go.")] = Path(
         "out/demo"

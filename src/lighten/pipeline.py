@@ -13,6 +13,8 @@ from lighten.eval.compare import evaluate
 from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
 from lighten.export.checkpoint import is_checkpoint, load, save_checkpoint
+from lighten.export.compressed_tensors import export_compressed_tensors
+from lighten.export.gguf import export_gguf_from
 from lighten.models import load_model, model_kind, resolve
 from lighten.quantize import quantize_weights
 from lighten.recipes import Recipe, budget_plan, plan_from_recipe
@@ -48,6 +50,20 @@ def quantize_to_dir(model_name: str, recipe: Recipe, out_dir: str | Path, force:
         )
     path = save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
     return path, table
+
+
+def export_model(
+    source: str | Path, to: str, out: str | Path, qtype: str = "Q8_0", force: bool = False
+) -> Path:
+    """Export a model to `to` = "gguf" (a file; from any model lighten loads, re-quantized to a GGUF type)
+    or "compressed-tensors" (a directory; int4/int8 lighten checkpoints, codes carried over exactly)."""
+    if Path(out).exists() and not force:
+        raise LightenError(f"{out} already exists; choose another output path or pass --force to replace it")
+    if to == "gguf":
+        return export_gguf_from(source, out, qtype)
+    if to == "compressed-tensors":
+        return export_compressed_tensors(source, out, force=force)
+    raise LightenError(f"unknown export target {to!r}: use gguf or compressed-tensors")
 
 
 def run_demo(

@@ -1,0 +1,278 @@
+"""Export a Llama-shaped causal LM to a GGUF file that llama.cpp runs.
+
+    export_gguf(model, tokenizer, "model.gguf", "Q8_0")
+    export_gguf_from("smollm2-135m", "model.gguf", "Q4_0")   # also a lighten checkpoint or a HF directory
+
+Tensor names, metadata keys and the tokenizer fields follow llama.cpp's own converter (convert_hf_to_gguf).
+
+Which type each tensor gets:
+- 1-D tensors (norms, biases) stay F32, as in llama.cpp.
+- Every matrix gets `qtype`, except that with a 4-bit qtype the output matrix (the token embedding when
+  it is tied) gets Q6_K, because llama-quantize does the same: the logits are the most sensitive product.
+- A matrix whose rows are not a whole number of the type's blocks (32 weights for Q8_0 / Q5_0 / Q4_0, 256
+  for k-quants) falls back as llama-quantize does until one fits: Q6_K → Q8_0, Q4_K → Q5_0, 32-blocks → F16.
+  SmolLM2's hidden size 576 = 18·32 is no multiple of 256, so in its k-quant exports only ffn_down (rows of
+  1536) is a k-quant.
+"""
+
+import json
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lighten.atomic import atomic_file
+from lighten.errors import LightenError
+
+# The gguf package is an optional extra (lighten[models]); importing it here keeps the error at one place.
+try:
+    import gguf
+    from gguf import GGMLQuantizationType as T
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise LightenError("GGUF export needs the gguf package: pip install gguf") from e
+
+from lighten.export.kquants import quantize_q4_k, quantize_q6_k
+
+QTYPES = {
+    "F16": (T.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "Q8_0": (T.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "Q4_0": (T.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "Q6_K": (T.Q6_K, gguf.LlamaFileType.MOSTLY_Q6_K),
+    "Q4_K": (T.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_S),  # every matrix Q4_K: closest to llama.cpp's Q4_K_S
+}
+FALLBACK = {T.Q6_K: T.Q8_0, T.Q4_K: T.Q5_0, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q4_0: T.F16}
+FOUR_BIT = {T.Q4_0, T.Q4_K}
+K_QUANTIZERS = {T.Q6_K: quantize_q6_k, T.Q4_K: quantize_q4_k}
+
+# HF class → (GGUF architecture, whether q/k need the rotary permutation). Llama's rotate_half rope pairs
+# dimension i with i + d/2; llama.cpp's "llama" rope pairs 2i with 2i+1, so q and k rows are re-ordered.
+# Qwen2 runs with NEOX rope in llama.cpp, which is rotate_half already.
+ARCHS = {"LlamaForCausalLM": ("llama", True), "Qwen2ForCausalLM": ("qwen2", False)}
+
+GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+# llama.cpp picks its BPE pre-tokenizer (the regex that splits text before merging) by the hash of the
+# token ids of CHECK_TEXT; these hashes are the ones its converter knows for tokenizers lighten supports.
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ "
+    "(multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+
+
+def export_gguf_from(
+    name_or_path: str | Path, out_file: str | Path, qtype: str, pre_tokenizer: str | None = None
+) -> Path:
+    """export_gguf for a built-in name, a Hugging Face directory or a lighten checkpoint (dequantized)."""
+    from lighten.export import checkpoint
+
+    model, tokenizer = checkpoint.load(name_or_path)
+    name = Path(str(name_or_path)).name
+    return export_gguf(model, tokenizer, out_file, qtype, name=name, pre_tokenizer=pre_tokenizer)
+
+
+def export_gguf(
+    model,
+    tokenizer,
+    out_file: str | Path,
+    qtype: str,
+    name: str | None = None,
+    pre_tokenizer: str | None = None,
+) -> Path:
+    """Write `model` (LlamaForCausalLM or Qwen2ForCausalLM) with `tokenizer` as GGUF, atomically.
+
+    `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer it does not recognise by hash (e.g.
+    "gpt-2" for a plain GPT-2 style byte-level BPE); by default it is detected as llama.cpp's converter
+    detects it."""
+    if qtype not in QTYPES:
+        raise LightenError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
+    cls = type(model).__name__
+    if cls not in ARCHS:
+        raise LightenError(
+            f"GGUF export supports {', '.join(ARCHS)}; {cls} is not one of them "
+            "(export a lighten checkpoint instead)"
+        )
+    arch, permute = ARCHS[cls]
+    ggml_type, file_type = QTYPES[qtype]
+    config = model.config
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # Tied models get no "output": llama.cpp then multiplies by token_embd, which so is the output matrix.
+    output = "token_embd.weight" if tied else "output.weight"
+    writer_name = name or Path(str(getattr(config, "name_or_path", "") or "model")).name
+    with atomic_file(out_file) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type("model")
+        writer.add_name(writer_name)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_hparams(writer, config)
+        _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
+        for gguf_name, weight in _gguf_tensors(model, permute, tied):
+            data_type = _tensor_type(gguf_name == output, weight, ggml_type)
+            writer.add_tensor(gguf_name, _encode(weight, data_type), raw_dtype=data_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out_file)
+
+
+def _gguf_tensors(model, permute: bool, tied: bool):
+    """(GGUF name, float32 numpy array) for every weight, q/k rows re-ordered for llama.cpp's rope."""
+    config = model.config
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        gguf_name = gguf_tensor_name(hf_name)
+        w = t.detach().to(torch.float32).cpu().numpy()
+        if permute and ".attn_q." in gguf_name:
+            w = permute_rope(w, config.num_attention_heads)
+        elif permute and ".attn_k." in gguf_name:
+            w = permute_rope(w, config.num_key_value_heads)
+        yield gguf_name, w
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    if hf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[hf_name]
+    parts = hf_name.split(".")  # model.layers.N.<module path>.weight|bias
+    module = ".".join(parts[3:-1])
+    if parts[:2] != ["model", "layers"] or module not in LAYER_TENSORS:
+        raise LightenError(f"GGUF export does not know where tensor {hf_name!r} goes in llama.cpp")
+    return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.{parts[-1]}"
+
+
+def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate_half row order → llama.cpp's interleaved pairs, per head (convert_hf_to_gguf's permute).
+
+    Within a head, HF rotates row i with row i + d/2; afterwards they sit at rows 2i and 2i + 1."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_type(is_output: bool, w: np.ndarray, qtype: T) -> T:
+    """The module docstring's rule."""
+    if w.ndim == 1:
+        return T.F32
+    if is_output and qtype in FOUR_BIT:
+        qtype = T.Q6_K
+    while w.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = FALLBACK[qtype]
+    return qtype
+
+
+def _encode(w: np.ndarray, qtype: T) -> np.ndarray:
+    return K_QUANTIZERS[qtype](w) if qtype in K_QUANTIZERS else gguf.quants.quantize(w, qtype)
+
+
+def _add_hparams(writer, config) -> None:
+    rope = getattr(config, "rope_parameters", None) or {
+        "rope_type": "default",
+        "rope_theta": getattr(config, "rope_theta", 10000.0),
+    }
+    if rope.get("rope_type", "default") != "default":
+        raise LightenError(
+            f"GGUF export supports only plain RoPE; this model uses {rope['rope_type']!r} rope scaling"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        # llama.cpp derives the head size from embedding_length / head_count unless told otherwise.
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str | None) -> None:
+    """gpt2-style BPE fields, built the way llama.cpp's converter builds them (get_vocab_base)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    if spec.get("model", {}).get("type") != "BPE":
+        raise LightenError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen2)")
+    if pre_tokenizer is None:
+        chk = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+        if chk not in PRE_TOKENIZERS:
+            raise LightenError(
+                f"llama.cpp would not recognise this tokenizer's pre-tokenizer (check hash {chk[:12]}…, "
+                f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}); name it with pre_tokenizer="
+            )
+        pre_tokenizer = PRE_TOKENIZERS[chk]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer)
+    tokens, types = _tokens(tokenizer, vocab_size)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # Merges are pairs in newer tokenizer.json files; GGUF wants "a b", so spaces inside a part are
+    # written as U+0120, as gguf.SpecialVocab does.
+    writer.add_token_merges(
+        [
+            m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m)
+            for m in spec["model"]["merges"]
+        ]
+    )
+    for key in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{key}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_add_space_prefix(False)  # byte-level BPE encodes the space itself (Ġ)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id with llama.cpp token types: added special tokens are CONTROL, other added tokens
+    USER_DEFINED, ids the tokenizer lacks (embedding rows padded past the vocabulary) UNUSED."""
+    by_id = {i: tok for tok, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise LightenError(
+            f"the tokenizer has ids up to {max(by_id)} but the model only {vocab_size} embeddings: "
+            "they do not belong together"
+        )
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tok = by_id[i]
+        tokens.append(tok)
+        if i not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif added[i].special or (tok.startswith("<|") and tok.endswith("|>")):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED)
+    return tokens, types
