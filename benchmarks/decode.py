@@ -1,4 +1,5 @@
-"""Batch-1 greedy decode speed: llama.cpp on lighten's GGUF exports vs transformers, side by side.
+"""Batch-1 greedy decode speed: llama.cpp on lighten's GGUF exports vs transformers vs lighten's packed
+runtime, side by side.
 
     python benchmarks/decode.py                       # smollm2-135m, 128 tokens, 5 runs each
     python benchmarks/decode.py --tokens 8 --runs 1   # a smoke run
@@ -9,6 +10,7 @@ first generated token, after the prompt is processed. Timings mean something onl
 """
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -18,6 +20,8 @@ import torch
 
 from lighten.export.checkpoint import load
 from lighten.export.gguf import export_gguf
+from lighten.quantize import make_plan, quantize_weights
+from lighten.runtime import pack_model
 
 PROMPT = "The capital of France is"
 
@@ -94,6 +98,10 @@ def main():
             engines[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads)
         engines["transformers fp32"] = transformers_decoder(model)
         engines["transformers bf16"] = transformers_decoder(load(args.model, dtype=torch.bfloat16)[0])
+        # lighten's packed runtime: same RTN weights a checkpoint would hold, lm_head/embeddings in bf16.
+        for spec in ("int8:channel", "int4:g32"):
+            quantized = quantize_weights(model, make_plan(model, spec))
+            engines[f"lighten {spec}"] = transformers_decoder(pack_model(copy.deepcopy(model), quantized))
 
         for decode in engines.values():  # warm-up: first-call allocations and lazy init
             decode(prompt_ids, 2)
