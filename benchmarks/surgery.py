@@ -65,7 +65,7 @@ def smollm2(args):
     )
     print(f"{'chain':20s} {'scheme':6s} {'ppl':>9s} {'Δppl %':>8s} {'KL':>8s}")
     base = None
-    ratio_rows = []
+    ratio_rows, per_layer = [], {}
     for chain, steps in CHAINS.items():
         model = copy.deepcopy(ref)
         apply_surgery(
@@ -91,6 +91,11 @@ def smollm2(args):
     print(f"{'chain':20s} {'q_proj in':>16s} {'gate_proj in':>16s} {'down_proj in':>16s}")
     for chain, *cols in ratio_rows:
         print(f"{chain:20s} " + " ".join(f"{m:7.1f} / {x:6.1f}" for m, x in cols))
+    print("\nper block, max/median input ratio at q_proj | down_proj, for each chain:")
+    print("block " + " ".join(f"{c:>19s}" for c in CHAINS))
+    for i in range(ref.config.num_hidden_layers):
+        q, down = f"model.layers.{i}.self_attn.q_proj", f"model.layers.{i}.mlp.down_proj"
+        print(f"{i:5d} " + " ".join(f"{per_layer[c][q]:8.1f} | {per_layer[c][down]:8.1f}" for c in CHAINS))
 
 
 def minilm():

@@ -62,15 +62,22 @@ def test_post_ln_bert_is_refused_unchanged():
 
 
 @pytest.mark.real
-def test_smooth_smollm2(smollm2):
+@pytest.mark.parametrize("method", ["smooth", "osplus"])
+def test_smooth_smollm2(smollm2, method):
     model = copy.deepcopy(smollm2[0])
     ids = token_ids(model.config.vocab_size, n=8)
     ref = output(model, ids)
     ratio = outlier_ratio(model, ids)
-    smooth_quant(model, input_stats(model, ids)["absmax"])
-    assert_same(model, ids, ref, "smooth smollm2")
+    stats = input_stats(model, ids)
+    if method == "smooth":
+        smooth_quant(model, stats["absmax"])
+    else:  # RMSNorm has no β: OS+ can only scale here
+        outlier_suppression_plus(model, stats["min"], stats["max"])
+    assert_same(model, ids, ref, f"{method} smollm2")
     smoothed = outlier_ratio(model, ids)
-    print(f"smollm2 norm-group input max/median channel absmax: {ratio:.1f} -> {smoothed:.1f} (smooth α=0.5)")
+    print(
+        f"smollm2 norm-group input max/median channel absmax: {ratio:.1f} -> {smoothed:.1f} ({method} α=0.5)"
+    )
     assert smoothed < ratio
 
 

@@ -10,7 +10,7 @@ import math
 import torch
 
 from lighten.formats import Format, QuantizedTensor
-from lighten.formats.format import _grouped
+from lighten.formats.format import grouped
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # 1.0 first: a group keeps the plain RTN scale unless clipping helps
 
@@ -31,7 +31,7 @@ def clipped_quantize(w: torch.Tensor, fmt: Format, ratio: torch.Tensor) -> Quant
 def group_sq_error(w: torch.Tensor, w_hat: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Squared error summed over each group: (rows, groups per row)."""
     rows, k, g, groups = fmt.geometry(tuple(w.shape))
-    return _grouped((w - w_hat).reshape(rows, k).square(), g, groups).sum(-1)
+    return grouped((w - w_hat).reshape(rows, k).square(), g, groups).sum(-1)
 
 
 def mse_clip_quantize(w: torch.Tensor, fmt: Format, grid: torch.Tensor = CLIP_GRID) -> QuantizedTensor:

@@ -138,7 +138,7 @@ class Format:
         layout buffer but codes, e.g. another quantize call's), so values beyond the grid saturate.
         Calibration uses it for scales chosen elsewhere: clipped (MSE search) or frozen (GPTQ)."""
         rows, k, g, groups = self.geometry(tuple(x.shape))
-        v = _grouped(x.reshape(rows, k).float(), g, groups)
+        v = grouped(x.reshape(rows, k).float(), g, groups)
         if scales is None:
             tensors = _SCALE_RULES[self.rule](self, v, (k - g * torch.arange(groups)).clamp(max=g))
         else:
@@ -148,7 +148,7 @@ class Format:
             tensors = dict(scales)
         # Encode with the scale exactly as stored (fp16-rounded, E8M0, double-quantized), so the
         # decoder sees the grid the encoder rounded to.
-        scale, zero = self._scale_zero(tensors, rows, groups)
+        scale, zero = self.scale_zero(tensors, rows, groups)
         codes = self.element.encode(v / torch.where(scale == 0, 1, scale)[..., None] + zero[..., None])
         codes = codes.view(rows, groups * g)[:, :k]
         if self.element is TERNARY:
@@ -165,15 +165,15 @@ class Format:
             codes = packing.unpack_trits(q.tensors["codes"], rows * k)
         else:
             codes = packing.unpack_bits(q.tensors["codes"], self.element.bits, rows * k)
-        v = _grouped(self.element.decode(codes).view(rows, k), g, groups)
-        scale, zero = self._scale_zero(q.tensors, rows, groups)
+        v = grouped(self.element.decode(codes).view(rows, k), g, groups)
+        scale, zero = self.scale_zero(q.tensors, rows, groups)
         x = (v - zero[..., None]) * scale[..., None]
         return x.view(rows, groups * g)[:, :k].reshape(q.shape).to(dtype)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(x), x.dtype)
 
-    def _scale_zero(self, t, rows, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_zero(self, t, rows, groups) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group fp32 (scale, zero-point) from the stored buffers: x = (element - zero) * scale."""
         zero = torch.zeros(rows, groups)
         if self.rule == "e8m0":  # 2^(byte - 127); byte 255 is NaN (the encoder never writes it)
@@ -267,7 +267,7 @@ def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"scales": codes, "scales_scale": scale, "scales_mean": mean.view(1)}
 
 
-def _grouped(v: torch.Tensor, g: int, groups: int) -> torch.Tensor:
+def grouped(v: torch.Tensor, g: int, groups: int) -> torch.Tensor:
     """(rows, K) -> (rows, groups, G), zero-padding the short last group of each row."""
     return torch.cat([v, v.new_zeros(v.shape[0], groups * g - v.shape[1])], 1).view(-1, groups, g)
 

@@ -100,7 +100,7 @@ class Int4Linear(PackedLinear):
         super().__init__(q, bias, groups * self.group_size)
         # tinygemm's codes are unsigned: a sym code c in [-7, 7] becomes u = c + 8, with zero-point 8.
         shift = 0 if fmt.asym else 8
-        scale, zero = fmt._scale_zero(q.tensors, n, groups)
+        scale, zero = fmt.scale_zero(q.tensors, n, groups)
         zero = zero + shift
         # Pieces of 256 rows convert independently (the kernel's layout interleaves rows within blocks of 32
         # or 64), which keeps the int32 copy of the codes that the converter wants small.
@@ -161,7 +161,7 @@ class DequantLinear(PackedLinear):
                 t["zeros"] = t["zeros"][start:end]
             if fmt.dq:
                 t["scales_scale"] = t["scales_scale"][a * groups // DQ_BLOCK : -(-b * groups // DQ_BLOCK)]
-        scale, zero = fmt._scale_zero(t, 1 if per_tensor else rows, groups)
+        scale, zero = fmt.scale_zero(t, 1 if per_tensor else rows, groups)
         if groups * self.g > k:  # the short last group of each row
             v = F.pad(v, (0, groups * self.g - k))
         v = v.view(rows, groups, self.g)
