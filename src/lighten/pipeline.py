@@ -12,7 +12,7 @@ from lighten.errors import LightenError
 from lighten.eval.compare import evaluate
 from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
-from lighten.export.checkpoint import is_checkpoint, load, save_checkpoint
+from lighten.export.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from
 from lighten.models import load_model, model_kind, resolve
@@ -37,6 +37,8 @@ def quantize_to_dir(model_name: str, recipe: Recipe, out_dir: str | Path, force:
     apply_surgery(
         model, list(recipe.surgery), stats=lambda m: collect_input_stats(m, tokenizer, texts, tokens, context)
     )
+    # Fail before calibration, not after it, if the rewritten model could not be saved and loaded back.
+    require_reloadable(model)
     plan, table = (
         budget_plan(model, tokenizer, recipe, texts)
         if recipe.budget
