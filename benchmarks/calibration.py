@@ -73,23 +73,26 @@ def allocation_table(args, calib):
     costs = layer_sensitivity(ref, tok, calib, candidates, n_tokens=args.sensitivity_tokens, context=256)
     sizes = candidate_sizes(ref, candidates)
     n = sum(ref.get_parameter(k).numel() for k in candidates)
-    print("\nsmollm2-135m (real): allocation at equal bytes (objective = summed per-weight KL)")
+    print("\nsmollm2-135m (real): allocation at equal bytes (objective = summed per-weight KL), all RTN")
+    uniform = {f"uniform {spec}": {k: spec for k in candidates} for spec in ("int3:g128", "int4:g128")}
+    plans = dict(uniform)
     for bits in ("3.5bits", "4.5bits"):
         budget = parse_budget(bits, n)
-        plans = {"ilp": allocate_ilp(costs, sizes, budget), "greedy": allocate_greedy(costs, sizes, budget)}
-        models = []
-        for plan in plans.values():
-            m = copy.deepcopy(ref)
-            calibrate_model(m, tok, calib, plan, "rtn")
-            models.append(m)
-        fid = causal_fidelity(ref, models, tok, wiki_texts("evaluation"), n_tokens=args.tokens, context=512)
-        for (how, plan), c in zip(plans.items(), fid["candidates"], strict=True):
-            avg = 8 * total_size(plan, sizes) / n
-            print(
-                f"  {bits:8s} {how:6s} objective {total_cost(plan, costs):.4f}  {avg:.3f} bits  "
-                f"ppl {c['perplexity']:.3f}  KL {c['kl']:.4f}",
-                flush=True,
-            )
+        plans[f"{bits} ilp"] = allocate_ilp(costs, sizes, budget)
+        plans[f"{bits} greedy"] = allocate_greedy(costs, sizes, budget)
+    models = []
+    for plan in plans.values():
+        m = copy.deepcopy(ref)
+        calibrate_model(m, tok, calib, plan, "rtn")
+        models.append(m)
+    fid = causal_fidelity(ref, models, tok, wiki_texts("evaluation"), n_tokens=args.tokens, context=512)
+    for (how, plan), c in zip(plans.items(), fid["candidates"], strict=True):
+        avg = 8 * total_size(plan, sizes) / n
+        print(
+            f"  {how:18s} objective {total_cost(plan, costs):.4f}  {avg:.3f} bits  "
+            f"ppl {c['perplexity']:.3f}  KL {c['kl']:.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Batch-1 greedy decode speed: llama.cpp on lighten's GGUF exports vs transformers vs lighten's packed
-runtime, side by side.
+"""Batch-1 greedy decode speed: lighten's lean decoder (fp32, bf16, packed int8, packed int4) vs transformers
+vs llama.cpp on lighten's own GGUF exports of the same model, side by side, with each engine's fraction of
+the memory-bandwidth limit (bandwidth measured here ÷ weight bytes read per token).
 
-    python benchmarks/decode.py                       # smollm2-135m, 128 tokens, 5 runs each
-    python benchmarks/decode.py --tokens 8 --runs 1   # a smoke run
+    python benchmarks/decode.py                          # real smollm2-135m, 64 tokens, 3 runs each
+    python benchmarks/decode.py --model llama-1b         # Llama-shaped 1.1 B, RANDOM weights
+    python benchmarks/decode.py --tokens 8 --runs 1      # a smoke run
 
-Needs llama-cpp-python (see docs). Runs alternate between the engines, so host noise hits all of them
-alike; per engine: tokens/s of the fastest run and of the median run. Decode only: the clock starts at the
-first generated token, after the prompt is processed. Timings mean something only on an idle machine.
+llama-1b is TinyLlama-1.1B's shape (22 layers, hidden 2048, MLP 5632, 32 heads, 4 KV heads) with SmolLM2's
+vocabulary and tokenizer and random weights: its speed is real, its text is noise. llama.cpp rows need
+llama-cpp-python (see the README) and are skipped without it. Runs alternate between engines so host noise
+hits them alike; per engine: tokens/s of the fastest and of the median run, decode only (the clock starts at
+the first generated token). Timings mean something only on an idle machine.
 """
 
 import argparse
@@ -17,13 +21,26 @@ import time
 from pathlib import Path
 
 import torch
+from gemm import memory_bandwidth
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lighten.export.checkpoint import load
 from lighten.export.gguf import export_gguf
+from lighten.formats import get
 from lighten.quantize import make_plan, quantize_weights
 from lighten.runtime import pack_model
+from lighten.runtime.decode import Decoder
 
 PROMPT = "The capital of France is"
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    tie_word_embeddings=True,
+)
 
 
 def disable_weight_repacking() -> None:
@@ -75,12 +92,56 @@ def transformers_decoder(model):
     return decode
 
 
+def lean_decoder(model, max_len: int):
+    decoder = Decoder(model, max_len)
+
+    def decode(prompt_ids: list[int], n: int) -> float:
+        return decoder.generate(prompt_ids, n + 1).decode_s  # n tokens after the first
+
+    return decode
+
+
+def packed(model, spec: str):
+    """The model with every linear layer packed to `spec` and lm_head to int8 (embeddings stay bf16): what
+    llama.cpp's Q8_0 / Q4_0 do too (8 bits for the output matrix)."""
+    quantized = quantize_weights(model, make_plan(model, spec))
+    quantized["lm_head.weight"] = get("int8:channel").quantize(model.lm_head.weight.detach().float())
+    return pack_model(copy.deepcopy(model), quantized)
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every matmul's weights (lm_head included), not the embedding
+    table (one row of it). Packed layers count their buffers."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.get_output_embeddings()
+    total = 0
+    for m in model.modules():
+        if m is head or not isinstance(m, nn.Embedding):
+            own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+            total += sum(t.nbytes for t in own if id(t) not in embeddings or m is head)
+    return total
+
+
+def gguf_bytes(path: Path) -> int:
+    """Tensor bytes of a GGUF file; the tied token_embd is the output matrix, so all of them are read."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def random_llama_1b(tokenizer):
+    """transformers' own init: matrices normal with std 0.02, norms 1."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **LLAMA_1B)).eval()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="built-in name, HF dir or lighten checkpoint")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per run")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per engine")
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, HF dir, or llama-1b (random)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per run")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per engine")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-fp32", action="store_true", help="leave out the slow fp32 engines")
     parser.add_argument(
         "--no-extra-bufts", action="store_true", help="llama.cpp without weight repacking (AMX CPUs)"
     )
@@ -88,21 +149,41 @@ def main():
     torch.set_num_threads(args.threads)
     if args.no_extra_bufts:
         disable_weight_repacking()
+    try:
+        import llama_cpp  # noqa: F401
 
-    model, tokenizer = load(args.model)
+        has_llama_cpp = True
+    except ImportError:
+        has_llama_cpp = False
+
+    if args.model == "llama-1b":
+        _, tokenizer = load("smollm2-135m")
+        model = random_llama_1b(tokenizer)
+    else:
+        model, tokenizer = load(args.model)
     prompt_ids = tokenizer(PROMPT)["input_ids"]
-    engines = {}
+    max_len = len(prompt_ids) + args.tokens + 2
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    engines, weight_bytes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for qtype in ("Q8_0", "Q4_0"):
-            path = export_gguf(model, tokenizer, Path(tmp) / f"{qtype}.gguf", qtype)
-            engines[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads)
-        engines["transformers fp32"] = transformers_decoder(model)
-        engines["transformers bf16"] = transformers_decoder(load(args.model, dtype=torch.bfloat16)[0])
-        # lighten's packed runtime: same RTN weights a checkpoint would hold, lm_head/embeddings in bf16.
-        for spec in ("int8:channel", "int4:g32"):
-            quantized = quantize_weights(model, make_plan(model, spec))
-            engines[f"lighten {spec}"] = transformers_decoder(pack_model(copy.deepcopy(model), quantized))
+        if has_llama_cpp:
+            for qtype in ("Q8_0", "Q4_0"):
+                path = export_gguf(model, tokenizer, Path(tmp) / f"{qtype}.gguf", qtype)
+                engines[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads)
+                weight_bytes[f"llama.cpp {qtype}"] = gguf_bytes(path)
+        variants = {"fp32": model, "bf16": bf16} if not args.skip_fp32 else {"bf16": bf16}
+        for name, m in variants.items():
+            engines[f"transformers {name}"] = transformers_decoder(m)
+            weight_bytes[f"transformers {name}"] = bytes_per_token(m)
+        int4 = packed(model, "int4:g32")
+        engines["transformers + packed int4"] = transformers_decoder(int4)
+        weight_bytes["transformers + packed int4"] = bytes_per_token(int4)
+        for name, m in {**variants, "int8": packed(model, "int8:channel"), "int4:g32": int4}.items():
+            engines[f"lighten {name}"] = lean_decoder(m, max_len)
+            weight_bytes[f"lighten {name}"] = bytes_per_token(m)
+        del model, bf16
 
+        bandwidth = memory_bandwidth(2**30, 10)
         for decode in engines.values():  # warm-up: first-call allocations and lazy init
             decode(prompt_ids, 2)
         times = {name: [] for name in engines}
@@ -111,9 +192,14 @@ def main():
                 times[name].append(decode(prompt_ids, args.tokens))
 
     print(f"{args.model}, batch 1, {args.tokens} greedy tokens, {args.threads} threads, {args.runs} runs")
-    print(f"{'engine':<20} {'best tok/s':>11} {'median tok/s':>13}")
+    print(f"memory bandwidth (sum of 1 GB): {bandwidth / 1e9:.1f} GB/s; limit = bandwidth / MB per token\n")
+    print(f"{'engine':<27} {'best tok/s':>10} {'median':>8} {'MB/token':>9} {'limit':>7} {'of limit':>9}")
     for name, t in times.items():
-        print(f"{name:<20} {args.tokens / min(t):>11.1f} {args.tokens / statistics.median(t):>13.1f}")
+        best, limit = args.tokens / min(t), bandwidth / weight_bytes[name]
+        print(
+            f"{name:<27} {best:>10.1f} {args.tokens / statistics.median(t):>8.1f} "
+            f"{weight_bytes[name] / 1e6:>9.1f} {limit:>7.0f} {best / limit:>9.0%}"
+        )
 
 
 if __name__ == "__main__":

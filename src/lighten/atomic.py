@@ -18,10 +18,7 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
 
     An existing `target` is refused unless `force`, so a typo never overwrites a model."""
     target = Path(target)
-    if target.exists() and not force:
-        raise LightenError(
-            f"{target} already exists; choose another output path or pass --force to replace it"
-        )
+    _refuse_existing(target, force)
     if target.exists() and not target.is_dir():
         raise LightenError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -42,9 +39,13 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(target: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; on clean exit it is renamed onto `target`."""
+def atomic_file(target: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path in the target's folder; on clean exit it is renamed onto `target`. An existing
+    `target` is refused unless `force`."""
     target = Path(target)
+    _refuse_existing(target, force)
+    if target.is_dir():
+        raise LightenError(f"{target} is a directory; give a file name")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -54,3 +55,10 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _refuse_existing(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise LightenError(
+            f"{target} already exists; choose another output path or pass --force to replace it"
+        )

@@ -255,9 +255,9 @@ def demo(
         title = f"{report['reference']['name']} ({report['kind']}, {_describe_data(report['data'])})"
         _print_table(title, *report_table(report))
         md.append(f"**{title}**\n\n" + markdown(*report_table(report)))
-    with atomic_file(output / "results.md") as tmp:
+    with atomic_file(output / "results.md", force=True) as tmp:
         tmp.write_text("\n".join(md))
-    with atomic_file(output / "results.json") as tmp:
+    with atomic_file(output / "results.json", force=True) as tmp:
         tmp.write_text(json.dumps(reports, indent=2))
     out.print(f"results in {output / 'results.md'} and {output / 'results.json'}")
 

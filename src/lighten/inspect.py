@@ -253,5 +253,5 @@ def plot_outliers(report: dict, png_path) -> None:
     absmax.set(yscale="log", ylabel="absmax", title=title)
     ratio.set(yscale="log", ylabel="max / median channel absmax", xlabel="block")
     absmax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
-    with atomic_file(png_path) as tmp:
+    with atomic_file(png_path, force=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

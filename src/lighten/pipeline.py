@@ -16,8 +16,10 @@ from lighten.export.checkpoint import is_checkpoint, load, require_reloadable, s
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from
 from lighten.models import load_model, model_kind, resolve
+from lighten.models.arch import model_view
 from lighten.quantize import quantize_weights
 from lighten.recipes import Recipe, budget_plan, plan_from_recipe
+from lighten.runtime.decode import Decoder, Generation
 from lighten.surgery import apply_surgery
 
 DEMO_MODELS = ("minilm", "smollm2-135m")
@@ -59,10 +61,8 @@ def export_model(
 ) -> Path:
     """Export a model to `to` = "gguf" (a file; from any model lighten loads, re-quantized to a GGUF type)
     or "compressed-tensors" (a directory; int4/int8 lighten checkpoints, codes carried over exactly)."""
-    if Path(out).exists() and not force:
-        raise LightenError(f"{out} already exists; choose another output path or pass --force to replace it")
     if to == "gguf":
-        return export_gguf_from(source, out, qtype)
+        return export_gguf_from(source, out, qtype, force=force)
     if to == "compressed-tensors":
         return export_compressed_tensors(source, out, force=force)
     raise LightenError(f"unknown export target {to!r}: use gguf or compressed-tensors")
@@ -96,7 +96,9 @@ def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int 
     """Generate from each prompt (causal LMs, greedy) or embed the prompts (encoders), timing it.
 
     A lighten checkpoint runs on the packed runtime (weights stay packed, bf16 activations); anything else
-    runs as loaded. Decode speed excludes the prompt: (new tokens - 1) / (time - time to first token)."""
+    runs as loaded. Llama-family models generate with the lean decoder (lighten.runtime.decode), others
+    with transformers' generate. Decode speed excludes the prompt: (new tokens - 1) / (time after the
+    first new token)."""
     if not prompts:
         raise LightenError("give at least one --prompt")
     model, tokenizer = load(name_or_path, packed=is_checkpoint(name_or_path))
@@ -110,22 +112,33 @@ def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int 
             "cosine": (emb @ emb.T).tolist(),
             "sentences_per_s": len(prompts) / seconds,
         }
+    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    longest = max(len(ids) for ids in encoded) + max_new_tokens
+    decoder = Decoder(model, longest) if model_view(model).family == "llama" else None
     results = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")
-        start = time.perf_counter()
-        model.generate(**ids, max_new_tokens=1, do_sample=False)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        total = time.perf_counter() - start
-        new = out.shape[1] - ids["input_ids"].shape[1]
+    for prompt, ids in zip(prompts, encoded, strict=True):
+        if decoder is not None:
+            gen = decoder.generate(ids, max_new_tokens, stop=tokenizer.eos_token_id)
+        else:
+            gen = _hf_generate(model, ids, max_new_tokens)
         results.append(
             {
                 "prompt": prompt,
-                "completion": tokenizer.decode(out[0, ids["input_ids"].shape[1] :]),
-                "new_tokens": new,
-                "decode_tokens_per_s": (new - 1) / max(total - first, 1e-9),
+                "completion": tokenizer.decode(gen.tokens),
+                "new_tokens": len(gen.tokens),
+                "decode_tokens_per_s": gen.decode_tokens_per_s,
             }
         )
     return {"kind": "causal", "generations": results}
+
+
+def _hf_generate(model, ids: list[int], max_new_tokens: int) -> Generation:
+    """transformers' generate, timed like the lean decoder: the first new token, then the rest."""
+    ids = torch.tensor([ids])
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, do_sample=False)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    total = time.perf_counter() - start
+    return Generation(out[0, ids.shape[1] :].tolist(), first, max(total - first, 1e-9))

@@ -294,6 +294,12 @@ def test_user_mistakes_raise_and_leave_no_file(tmp_path):
         small = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": 200}))
         export_gguf(small, bpe, out, "Q8_0", pre_tokenizer="gpt-2")
     assert list(tmp_path.iterdir()) == []
+    out.write_bytes(b"precious")
+    with pytest.raises(LightenError, match="--force"):
+        export_gguf(tiny("llama"), bpe, out, "Q8_0", pre_tokenizer="gpt-2")
+    assert out.read_bytes() == b"precious"
+    export_gguf(tiny("llama"), bpe, out, "Q8_0", pre_tokenizer="gpt-2", force=True)
+    assert out.read_bytes()[:4] == b"GGUF"
 
 
 def test_export_from_a_model_directory(tmp_path):

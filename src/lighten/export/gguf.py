@@ -86,14 +86,18 @@ PRE_TOKENIZERS = {
 
 
 def export_gguf_from(
-    name_or_path: str | Path, out_file: str | Path, qtype: str, pre_tokenizer: str | None = None
+    name_or_path: str | Path,
+    out_file: str | Path,
+    qtype: str,
+    pre_tokenizer: str | None = None,
+    force: bool = False,
 ) -> Path:
     """export_gguf for a built-in name, a Hugging Face directory or a lighten checkpoint (dequantized)."""
     from lighten.export import checkpoint
 
     model, tokenizer = checkpoint.load(name_or_path)
     name = Path(str(name_or_path)).name
-    return export_gguf(model, tokenizer, out_file, qtype, name=name, pre_tokenizer=pre_tokenizer)
+    return export_gguf(model, tokenizer, out_file, qtype, name, pre_tokenizer, force)
 
 
 def export_gguf(
@@ -103,8 +107,10 @@ def export_gguf(
     qtype: str,
     name: str | None = None,
     pre_tokenizer: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write `model` (LlamaForCausalLM or Qwen2ForCausalLM) with `tokenizer` as GGUF, atomically.
+    """Write `model` (LlamaForCausalLM or Qwen2ForCausalLM) with `tokenizer` as GGUF, atomically (an
+    existing `out_file` only if `force`).
 
     `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer it does not recognise by hash (e.g.
     "gpt-2" for a plain GPT-2 style byte-level BPE); by default it is detected as llama.cpp's converter
@@ -124,7 +130,7 @@ def export_gguf(
     # Tied models get no "output": llama.cpp then multiplies by token_embd, which so is the output matrix.
     output = "token_embd.weight" if tied else "output.weight"
     writer_name = name or Path(str(getattr(config, "name_or_path", "") or "model")).name
-    with atomic_file(out_file) as tmp:
+    with atomic_file(out_file, force) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type("model")
         writer.add_name(writer_name)

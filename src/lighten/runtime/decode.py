@@ -1,0 +1,210 @@
+"""Greedy batch-1 generation with a lean forward for Llama-family models (Llama, Qwen2, Mistral, SmolLM2).
+
+At batch 1 a small model's token costs a few dozen small ops per layer, and the Hugging Face forward wraps
+each layer in masks, cache objects and keyword plumbing that cost more than the weights' bytes (SmolLM2-135M:
+~37 ms a token, most of it outside the matmuls). This loop calls the model's own modules — packed or not,
+norms included — with nothing around them:
+
+    x = embed(token)
+    per block:  h = norm1(x);  q, k, v = qkv(h);  RoPE;  write k, v to a preallocated cache;  SDPA
+                x = x + o(attn);  h = norm2(x);  g, u = gate_up(h);  x = x + down(act(g) * u)
+    logits = lm_head(final_norm(x))
+
+q/k/v and gate/up each become one kernel call (join_linears); the RoPE tables come from the model's own
+rotary module, once.
+"""
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lighten.errors import ModelError
+from lighten.models.arch import model_view
+from lighten.runtime.linear import Int4Linear, Int8Linear
+
+# Buffers a packed layer keeps per output row and the dim they run along; "weight" (the big one) is shared.
+ROW_BUFFERS = {Int8Linear: {"scales": 0}, Int4Linear: {"scales_and_zeros": 1}}
+# torch's int4 CPU layout interleaves rows within blocks of 64: parts join only on that boundary.
+INT4_ROW_BLOCK = 64
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose tables do not depend on the length
+
+
+class Concat(nn.Module):
+    """Layers that read one input, run one by one, outputs concatenated (when they cannot be joined)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.layers], -1)
+
+
+def join_linears(layers: list[nn.Module]) -> nn.Module:
+    """One layer computing several layers of the same input, outputs concatenated on the last dim.
+
+    Layers of one kind (nn.Linear, Int8Linear or Int4Linear) and one spec join into one matmul over their
+    stacked rows. The stacked weight is the only copy afterwards: each original layer's weight becomes a
+    view of its rows, so the model's own forward keeps working and no memory is added. Anything else (the
+    LUT fallback, mixed specs, a layer with hooks such as an online rotation) runs as a Concat."""
+    kind = type(layers[0])
+    same = all(
+        type(m) is kind
+        and not m._forward_pre_hooks
+        and not m._forward_hooks
+        and _spec(m) == _spec(layers[0])
+        and (m.bias is None) == (layers[0].bias is None)
+        for m in layers
+    )
+    rows = [m.out_features for m in layers]
+    if kind is Int4Linear:
+        same = same and all(n % INT4_ROW_BLOCK == 0 for n in rows)
+    if not same or not (kind is nn.Linear or kind in ROW_BUFFERS):
+        return Concat(layers)
+    weight = torch.cat([m.weight for m in layers])
+    bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+    if kind is nn.Linear:
+        joined = nn.Linear(layers[0].in_features, sum(rows), bias is not None, device="meta")
+        joined.weight = nn.Parameter(weight, requires_grad=False)
+    else:
+        joined = copy.copy(layers[0])  # shares the settings (group size, padding); buffers replaced below
+        joined._buffers = dict(joined._buffers, weight=weight)
+        for name, dim in ROW_BUFFERS[kind].items():
+            joined._buffers[name] = torch.cat([m._buffers[name] for m in layers], dim)
+        joined._parameters = dict(joined._parameters)
+        joined.out_features = sum(rows)
+    if bias is not None:
+        joined.bias = nn.Parameter(bias, requires_grad=False)
+    start = 0
+    for m, n in zip(layers, rows, strict=True):
+        view = weight[start : start + n]  # contiguous: whole rows
+        if kind is nn.Linear:
+            m.weight = nn.Parameter(view, requires_grad=False)
+        else:
+            m.weight = view
+        start += n
+    return joined
+
+
+@dataclass
+class LeanBlock:
+    norm1: nn.Module
+    qkv: nn.Module
+    o: nn.Module
+    norm2: nn.Module
+    gate_up: nn.Module
+    act: nn.Module
+    down: nn.Module
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens
+    prefill_s: float  # prompt in, first new token out
+    decode_s: float  # the remaining new tokens
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else 0.0
+
+
+class Decoder:
+    """A Llama-family causal LM's lean forward with a preallocated KV cache of `max_len` positions.
+
+    Runs in the dtype of the embeddings (bf16 for a packed model). Build it once per model; it joins the
+    q/k/v and gate/up layers of the model in place (see join_linears), which the model's own forward does
+    not notice."""
+
+    def __init__(self, model: nn.Module, max_len: int = 2048):
+        view = model_view(model)
+        if view.family != "llama":
+            raise ModelError(f"the lean decoder runs Llama-family models, not {view.family}")
+        base = model.model
+        attn = base.layers[0].self_attn
+        extra = {n for n, _ in attn.named_children()} - {"q_proj", "k_proj", "v_proj", "o_proj"}
+        if extra:
+            raise ModelError(
+                f"{type(model).__name__} has attention parts the lean decoder does not know: "
+                + ", ".join(sorted(extra))
+            )
+        rope_type = getattr(base.rotary_emb, "rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ModelError(f"RoPE type {rope_type!r} depends on the sequence length; use model.generate")
+        window = getattr(model.config, "sliding_window", None)
+        if window and getattr(model.config, "use_sliding_window", True):
+            max_len = min(max_len, window)  # within the window, sliding attention is full attention
+        self.model, self.max_len = model, max_len
+        self.heads, self.kv_heads, self.head_dim = view.num_heads, view.num_kv_heads, view.head_dim
+        self.blocks = [
+            LeanBlock(
+                b.attn.norm,
+                join_linears(list(b.attn.linears.values())),
+                b.attn_out[1],
+                b.mlp.norm,
+                join_linears(list(b.mlp.linears.values())),
+                layer.mlp.act_fn,
+                b.mlp_out[1],
+            )
+            for b, layer in zip(view.blocks, base.layers, strict=True)
+        ]
+        self.final_norm, self.lm_head = base.norm, model.lm_head
+        self.embed = base.embed_tokens
+        self.dtype = self.embed.weight.dtype
+        x = torch.zeros(1, 1, dtype=self.dtype)
+        cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+
+    @torch.no_grad()  # not inference_mode: torch.compile cannot trace through it
+    def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [vocab] of the last of `tokens` ([T] ids at positions pos..pos+T-1), caching their keys
+        and values. Several tokens at once only from position 0 (the prompt)."""
+        t = tokens.shape[0]
+        if t > 1 and pos != 0:
+            raise ValueError("several tokens at once only from position 0")
+        if pos + t > self.max_len:
+            raise ModelError(f"the sequence would exceed the decoder's {self.max_len} positions")
+        nq, nkv, hd = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
+        end = pos + t
+        x = self.embed(tokens[None])  # [1, T, hidden]
+        for i, b in enumerate(self.blocks):
+            q, k, v = b.qkv(b.norm1(x)).split((nq, nkv, nkv), -1)
+            q = _rope(q.view(1, t, self.heads, hd).transpose(1, 2), cos, sin)
+            self.k_cache[i, :, :, pos:end] = _rope(k.view(1, t, self.kv_heads, hd).transpose(1, 2), cos, sin)
+            self.v_cache[i, :, :, pos:end] = v.view(1, t, self.kv_heads, hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(
+                q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], is_causal=t > 1, enable_gqa=True
+            )
+            x = x + b.o(a.transpose(1, 2).reshape(1, t, nq))
+            g, u = b.gate_up(b.norm2(x)).chunk(2, -1)
+            x = x + b.down(b.act(g) * u)
+        return self.lm_head(self.final_norm(x[:, -1]))[0]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: int | None = None) -> Generation:
+        """Greedy continuation of `prompt_ids`; stops early after the `stop` token."""
+        start = time.perf_counter()
+        token = int(self.forward(torch.tensor(prompt_ids), 0).argmax())
+        first = time.perf_counter()
+        tokens, pos = [token], len(prompt_ids)
+        while len(tokens) < max_new_tokens and token != stop:
+            token = int(self.forward(torch.tensor([token]), pos).argmax())
+            tokens.append(token)
+            pos += 1
+        return Generation(tokens, first - start, time.perf_counter() - first)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the Hugging Face Llama applies it: x·cos + rotate_half(x)·sin, halves not interleaved."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _spec(layer: nn.Module) -> str | None:
+    return getattr(layer, "spec", None) if not isinstance(layer, nn.Linear) else str(layer.weight.dtype)
