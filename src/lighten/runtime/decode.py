@@ -2,20 +2,22 @@
 
 At batch 1 a small model's token costs a few dozen small ops per layer, and the Hugging Face forward wraps
 each layer in masks, cache objects and keyword plumbing that cost more than the weights' bytes (SmolLM2-135M:
-~37 ms a token, most of it outside the matmuls). This loop calls the model's own modules — packed or not,
-norms included — with nothing around them:
+~37 ms a token, most of it outside the matmuls). This loop calls the model's own modules — packed or not —
+with nothing around them, and Hugging Face's RMSNorm (seven small ops) as torch's one fused op:
 
     x = embed(token)
     per block:  h = norm1(x);  q, k, v = qkv(h);  RoPE;  write k, v to a preallocated cache;  SDPA
                 x = x + o(attn);  h = norm2(x);  g, u = gate_up(h);  x = x + down(act(g) * u)
     logits = lm_head(final_norm(x))
 
-q/k/v and gate/up each become one kernel call (join_linears); the RoPE tables come from the model's own
-rotary module, once.
+q/k/v and gate/up each become one kernel call (join_linears); RoPE rotates the q and k heads in one pass, with
+tables the model's own rotary module computes once.
 """
 
 import copy
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +94,10 @@ def join_linears(layers: list[nn.Module]) -> nn.Module:
 
 @dataclass
 class LeanBlock:
-    norm1: nn.Module
+    norm1: Callable
     qkv: nn.Module
     o: nn.Module
-    norm2: nn.Module
+    norm2: Callable
     gate_up: nn.Module
     act: nn.Module
     down: nn.Module
@@ -141,22 +143,22 @@ class Decoder:
         self.heads, self.kv_heads, self.head_dim = view.num_heads, view.num_kv_heads, view.head_dim
         self.blocks = [
             LeanBlock(
-                b.attn.norm,
+                _fused_norm(b.attn.norm),
                 join_linears(list(b.attn.linears.values())),
                 b.attn_out[1],
-                b.mlp.norm,
+                _fused_norm(b.mlp.norm),
                 join_linears(list(b.mlp.linears.values())),
                 layer.mlp.act_fn,
                 b.mlp_out[1],
             )
             for b, layer in zip(view.blocks, base.layers, strict=True)
         ]
-        self.final_norm, self.lm_head = base.norm, model.lm_head
+        self.final_norm, self.lm_head = _fused_norm(base.norm), model.lm_head
         self.embed = base.embed_tokens
         self.dtype = self.embed.weight.dtype
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # [max_len, 1, head_dim]: one for all heads
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
@@ -170,19 +172,20 @@ class Decoder:
             raise ValueError("several tokens at once only from position 0")
         if pos + t > self.max_len:
             raise ModelError(f"the sequence would exceed the decoder's {self.max_len} positions")
-        nq, nkv, hd = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
         end = pos + t
         x = self.embed(tokens[None])  # [1, T, hidden]
         for i, b in enumerate(self.blocks):
-            q, k, v = b.qkv(b.norm1(x)).split((nq, nkv, nkv), -1)
-            q = _rope(q.view(1, t, self.heads, hd).transpose(1, 2), cos, sin)
-            self.k_cache[i, :, :, pos:end] = _rope(k.view(1, t, self.kv_heads, hd).transpose(1, 2), cos, sin)
-            self.v_cache[i, :, :, pos:end] = v.view(1, t, self.kv_heads, hd).transpose(1, 2)
+            qkv = b.qkv(b.norm1(x)).view(1, t, heads + 2 * kv_heads, hd)
+            qk = _rope(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k heads in one go
+            q = qk[:, :, :heads].transpose(1, 2)
+            self.k_cache[i, :, :, pos:end] = qk[:, :, heads:].transpose(1, 2)
+            self.v_cache[i, :, :, pos:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             a = F.scaled_dot_product_attention(
                 q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], is_causal=t > 1, enable_gqa=True
             )
-            x = x + b.o(a.transpose(1, 2).reshape(1, t, nq))
+            x = x + b.o(a.transpose(1, 2).reshape(1, t, heads * hd))
             g, u = b.gate_up(b.norm2(x)).chunk(2, -1)
             x = x + b.down(b.act(g) * u)
         return self.lm_head(self.final_norm(x[:, -1]))[0]
@@ -204,6 +207,18 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """RoPE as the Hugging Face Llama applies it: x·cos + rotate_half(x)·sin, halves not interleaved."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _fused_norm(norm: nn.Module):
+    """Hugging Face's RMSNorm as one fused op (it runs seven small ones); any other norm as it is."""
+    if (
+        not (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon"))
+        or norm._forward_hooks
+    ):
+        return norm
+    return functools.partial(
+        F.rms_norm, normalized_shape=norm.weight.shape, weight=norm.weight, eps=norm.variance_epsilon
+    )
 
 
 def _spec(layer: nn.Module) -> str | None:
