@@ -1,4 +1,4 @@
-"""The lean decoder (lighten.runtime.decode) against the Hugging Face forward and generate of the same model."""
+"""The lean decoder (lighten.runtime.decode) against the Hugging Face forward and generate of one model."""
 
 import copy
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lighten import formats
+from lighten.algorithms.act_quant import fake_quantize_activation
 from lighten.errors import LightenError
 from lighten.runtime import linear
 from lighten.runtime.linear import DequantLinear, Int4Linear, Int8Linear, W8A8Linear, packed_linear
@@ -78,6 +79,48 @@ def test_w8a8_within_activation_rounding(shape):
     activation_error = (x.float() - x_q).abs() @ w.abs().t()
     assert activation_error.max() > 0.01  # the activation rounding is visible, not lost in bf16 noise
     assert_bf16_close(y, F.linear(x, w.bfloat16(), b.bfloat16()), x, w, b, extra=activation_error)
+
+
+@pytest.mark.parametrize("shape", INPUTS.values(), ids=INPUTS.keys())
+def test_llm_int8_without_outliers_is_plain_w8a8(shape):
+    q, b = quantized("int8")
+    x = torch.randn(shape)
+    x[..., 0] = 20.0
+    plain = packed_linear(q, b, mode="w8a8")(x)
+    assert torch.equal(packed_linear(q, b, mode="w8a8", outlier_threshold=20.5)(x), plain)
+
+
+def llm_int8_input(shape, seed=0):
+    """bf16 input with outlier columns 5 (100 in every token) and 200 (-37.3 in one token) and every other
+    value within ±127/32: the int8 step of the rest is 1/32, exact in the kernel's fp32 and in fp16."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).clamp(-3.9, 3.9)
+    x[..., 1] = 127 / 32
+    x[..., 5] = 100.0
+    x.view(-1, K)[0, 200] = -37.3
+    return x.bfloat16()
+
+
+@pytest.mark.parametrize("shape", INPUTS.values(), ids=INPUTS.keys())
+def test_llm_int8_kernel_matches_simulation_and_keeps_outliers_exact(shape):
+    q, b = quantized("int8")
+    layer = packed_linear(q, b, mode="w8a8", outlier_threshold=6.0)
+    x = llm_int8_input(shape)
+    w = q.dequantize(torch.float64)
+    # The simulation leaves columns 5 and 200 as they are, so this reference has their contribution exactly.
+    x_sim = fake_quantize_activation(x.float(), formats.get("int8:channel"), outlier_threshold=6.0)
+    assert torch.equal(x_sim[..., [5, 200]], x.float()[..., [5, 200]])
+    y = layer(x)
+    assert_bf16_close(y, F.linear(x_sim.double(), w, b.double()), x, w, b)
+    # Plain W8A8 steps are 100/127 wide in every token, LLM.int8()'s 1/32: ~25x less activation rounding
+    # error. Both outputs also round to bf16 (2^-9 of outputs the outlier products make large): 9-13x here.
+    exact = F.linear(x.double(), w, b.double())
+    plain = packed_linear(q, b, mode="w8a8")(x)
+    assert (y - exact).norm() * 4 < (plain - exact).norm()
+
+
+def test_outlier_threshold_needs_w8a8():
+    with pytest.raises(LightenError, match="needs mode 'w8a8'"):
+        packed_linear(quantized("int8")[0], outlier_threshold=6.0)
 
 
 def test_int4_pads_k_to_whole_groups():

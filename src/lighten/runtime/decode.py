@@ -26,10 +26,10 @@ from torch import nn
 
 from lighten.errors import ModelError
 from lighten.models.arch import model_view
-from lighten.runtime.linear import Int4Linear, Int8Linear
+from lighten.runtime.linear import Int4Linear, Int8Linear, W8A8Linear
 
 # Buffers a packed layer keeps per output row and the dim they run along; "weight" (the big one) is shared.
-ROW_BUFFERS = {Int8Linear: {"scales": 0}, Int4Linear: {"scales_and_zeros": 1}}
+ROW_BUFFERS = {Int8Linear: {"scales": 0}, W8A8Linear: {"scales": 0}, Int4Linear: {"scales_and_zeros": 1}}
 # torch's int4 CPU layout interleaves rows within blocks of 64: parts join only on that boundary.
 INT4_ROW_BLOCK = 64
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose tables do not depend on the length
@@ -49,7 +49,7 @@ class Concat(nn.Module):
 def join_linears(layers: list[nn.Module]) -> nn.Module:
     """One layer computing several layers of the same input, outputs concatenated on the last dim.
 
-    Layers of one kind (nn.Linear, Int8Linear or Int4Linear) and one spec join into one matmul over their
+    Layers of one kind (nn.Linear or a packed int8 / int4 layer) and one spec join into one matmul over their
     stacked rows. The stacked weight is the only copy afterwards: each original layer's weight becomes a
     view of its rows, so the model's own forward keeps working and no memory is added. Anything else (the
     LUT fallback, mixed specs, a layer with hooks such as an online rotation) runs as a Concat."""

@@ -6,6 +6,7 @@ casts its input to bf16 and its output back to the input's dtype.
     spec                              module         kernel
     int8:channel:sym                  Int8Linear     torch._weight_int8pack_mm, bf16 x int8
     int8:channel:sym, mode="w8a8"     W8A8Linear     torch._int_mm on int8 activations, one scale per token
+      + outlier_threshold             W8A8Linear     the same, outlier columns in fp32 (LLM.int8())
     int4:g32/g64/g128/g256, sym/asym  Int4Linear     torch._weight_int4pack_mm_for_cpu (tinygemm layout)
     anything else                     DequantLinear  decode a block of rows via a table, matmul, next block
 
@@ -75,14 +76,36 @@ class Int8Linear(PackedLinear):
 
 class W8A8Linear(Int8Linear):
     """int8 weights times int8 activations: each token (row of x) is quantized on the fly with its own absmax
-    scale, the products accumulate exactly in int32, and one fp32 multiply applies both scales."""
+    scale, the products accumulate exactly in int32, and one fp32 multiply applies both scales.
+
+    With an `outlier_threshold`, LLM.int8()'s decomposition: the input columns where any |x| >= threshold
+    leave the int8 product (zeroed before the per-token scales are taken) and are multiplied in fp32 with the
+    same columns of the dequantized int8 weight, as bitsandbytes does in fp16."""
+
+    def __init__(
+        self, q: QuantizedTensor, bias: torch.Tensor | None = None, outlier_threshold: float | None = None
+    ):
+        super().__init__(q, bias)
+        self.outlier_threshold = outlier_threshold
 
     def mm(self, x):
         x = x.float()
+        w_scales = self.scales.view(torch.bfloat16).float()
+        if self.outlier_threshold is None:
+            return self.int8_mm(x, w_scales).to(torch.bfloat16)
+        cols = (x.abs() >= self.outlier_threshold).any(0).nonzero()[:, 0]
+        y = self.int8_mm(x.index_fill(1, cols, 0), w_scales)
+        w = self.weight[:, cols].float() * w_scales[:, None]  # those columns of the dequantized weight
+        return y.addmm_(x[:, cols], w.t()).to(torch.bfloat16)
+
+    def int8_mm(self, x, w_scales):
         s = x.abs().amax(-1, keepdim=True) / 127
         s = torch.where(s > 0, s, 1)
         acc = torch._int_mm(torch.round(x / s).to(torch.int8), self.weight.t())
-        return (acc * s * self.scales.view(torch.bfloat16).float()).to(torch.bfloat16)
+        return acc * s * w_scales
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", outlier_threshold={self.outlier_threshold}"
 
 
 class Int4Linear(PackedLinear):
@@ -171,17 +194,23 @@ class DequantLinear(PackedLinear):
 
 
 def packed_linear(
-    q: QuantizedTensor, bias: torch.Tensor | None = None, mode: str = "weight-only"
+    q: QuantizedTensor,
+    bias: torch.Tensor | None = None,
+    mode: str = "weight-only",
+    outlier_threshold: float | None = None,
 ) -> PackedLinear:
-    """The packed layer for a quantized [out, in] weight: the fastest kernel its spec allows (table above)."""
+    """The packed layer for a quantized [out, in] weight: the fastest kernel its spec allows (table above).
+    `outlier_threshold` (w8a8 only, e.g. 6.0) turns on LLM.int8()'s fp32 outlier columns."""
     fmt = formats.get(q.spec)
     int8 = fmt.name == "int8:channel:sym"
     if mode == "w8a8":
         if not int8:
             raise LightenError(f"w8a8 needs int8:channel:sym weights, got {q.spec}; quantize with spec int8")
-        return W8A8Linear(q, bias)
+        return W8A8Linear(q, bias, outlier_threshold)
     if mode != "weight-only":
         raise LightenError(f"mode is 'weight-only' or 'w8a8', got {mode!r}")
+    if outlier_threshold is not None:
+        raise LightenError("an outlier threshold (LLM.int8()) splits int8 activations: it needs mode 'w8a8'")
     if int8:
         return Int8Linear(q, bias)
     if fmt.family == "int4" and fmt.granularity in INT4_GROUPS and q.shape[0] % 16 == 0:  # N in tiles of 16
