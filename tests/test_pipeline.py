@@ -1,15 +1,19 @@
-"""quantize_to_dir with surgery: the checkpoint reloads to exactly the rewritten, quantized model."""
+"""quantize_to_dir: with surgery the checkpoint reloads to exactly the rewritten, quantized model; without it
+the weights are read from the model's files (a block at a time when calibrating), to the same checkpoint."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import save_tiny
 
 from lighten import formats
+from lighten.algorithms.calibrate import calibrate_model
 from lighten.errors import LightenError
-from lighten.export.checkpoint import load, read_manifest
+from lighten.eval.corpora import wiki_texts
+from lighten.export.checkpoint import WEIGHTS, load, read_manifest, save_checkpoint
 from lighten.models import load_model
 from lighten.pipeline import quantize_to_dir
-from lighten.quantize import make_plan
+from lighten.quantize import make_plan, quantize_weights
 from lighten.recipes import recipe_from_options
 from lighten.surgery import apply_surgery
 
@@ -55,3 +59,20 @@ def test_surgery_that_changes_the_architecture_is_refused_before_writing(tmp_pat
     with pytest.raises(LightenError, match="would not load back"):
         quantize_to_dir(str(src), recipe_from_options("int8", surgery=("fold", "rmsnorm")), tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_weights_read_from_the_files_make_the_in_memory_checkpoint(tmp_path, algorithm):
+    src = save_tiny("llama", tmp_path / "src")
+    recipe = recipe_from_options("int4:g32", algorithm, calibration_tokens=64)
+    out, _ = quantize_to_dir(str(src), recipe, tmp_path / "q")
+    model, tokenizer = load_model(src)
+    plan, texts = make_plan(model, "int4:g32"), wiki_texts("calibration")
+    if algorithm == "rtn":
+        quantized = quantize_weights(model, plan)
+    else:
+        quantized = calibrate_model(model, tokenizer, texts, plan, "gptq", 64, recipe.calibration.context)
+    save_checkpoint(model, quantized, src, str(src), tmp_path / "want")
+    got, want = load_file(out / WEIGHTS), load_file(tmp_path / "want" / WEIGHTS)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -1,5 +1,6 @@
 """The `lighten` command: parse, call one library function, print. No logic the library lacks."""
 
+import ctypes
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ err = Console(stderr=True)
 
 def main() -> None:
     """Console-script entry: a user mistake prints one line and exits 2, never a traceback."""
+    _return_freed_memory()
     try:
         app()
     except LightenError as e:
@@ -38,6 +40,18 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
+
+def _return_freed_memory() -> None:
+    """Have glibc serve each allocation of 1 MB or more with a mapping of its own, which free() unmaps. By
+    default it raises that threshold to the largest block freed so far (up to 32 MB), and then a calibration's
+    temporaries (Hessians, a block's weights and activations, ~1-10 MB each) come from the heap, where the
+    small tensors that outlive them (the quantized layers) keep the freed space from going back: the peak RSS
+    of GPTQ on SmolLM2 was 70-170 MB higher so (benchmarks/memory.py)."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 2**20)  # -3: M_MMAP_THRESHOLD
+    except AttributeError:  # not glibc
+        pass
 
 
 def _print_json(obj) -> None:

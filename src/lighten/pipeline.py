@@ -1,5 +1,6 @@
 """End-to-end jobs the CLI runs: model → plan → quantized checkpoint → evaluation."""
 
+import contextlib
 import copy
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from lighten.eval.embeddings import embed
 from lighten.export.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from
-from lighten.models import load_model, model_kind, resolve
+from lighten.models import load_model, model_kind, open_weights, resolve
 from lighten.models.arch import model_view
 from lighten.quantize import quantize_weights
 from lighten.recipes import Recipe, budget_plan, plan_from_recipe
@@ -46,12 +47,15 @@ def quantize_to_dir(model_name: str, recipe: Recipe, out_dir: str | Path, force:
         if recipe.budget
         else (plan_from_recipe(model, recipe), None)
     )
-    if recipe.algorithm == "rtn":
-        quantized = quantize_weights(model, plan)
-    else:
-        quantized = calibrate_model(
-            model, tokenizer, texts, plan, recipe.algorithm, n_tokens=tokens, context=context
-        )
+    # Without surgery the model still equals its files, and its weights are read from them (a block at a
+    # time when calibrating) rather than from its mapped file, whose pages would all stay in RSS.
+    with contextlib.nullcontext() if recipe.surgery else open_weights(model_name) as weights:
+        if recipe.algorithm == "rtn":
+            quantized = quantize_weights(model, plan, weights)
+        else:
+            quantized = calibrate_model(
+                model, tokenizer, texts, plan, recipe.algorithm, tokens, context, weights=weights
+            )
     path = save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
     return path, table
 

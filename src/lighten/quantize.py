@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from lighten import formats
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
+from lighten.models import WeightReader
 from lighten.progress import track
 
 DEFAULT_SKIP = ("lm_head",)
@@ -52,11 +53,19 @@ def is_transposed(model: nn.Module, weight_name: str) -> bool:
     return isinstance(model.get_submodule(weight_name.rsplit(".", 1)[0]), Conv1D)
 
 
-def quantize_weights(model: nn.Module, plan: dict[str, str]) -> dict[str, QuantizedTensor]:
-    """Round-to-nearest quantization of each planned weight, as [out, in] matrices."""
+def quantize_weights(
+    model: nn.Module, plan: dict[str, str], weights: WeightReader | None = None
+) -> dict[str, QuantizedTensor]:
+    """Round-to-nearest quantization of each planned weight, as [out, in] matrices. `weights` (a reader from
+    lighten.models.open_weights, for a model that still equals its files) reads each weight from the files
+    instead: the model's own may be pages of a mapped file, which stay in RSS once touched."""
     quantized = {}
     for name in track(plan, "quantizing weights"):
-        w = model.get_parameter(name).detach().float()
+        w = model.get_parameter(name)
+        stored = weights(name) if weights else None
+        if stored is not None and stored.shape == w.shape:
+            w = stored
+        w = w.detach().float()
         if is_transposed(model, name):
             w = w.t()
         quantized[name] = formats.get(plan[name]).quantize(w)

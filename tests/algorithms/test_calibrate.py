@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-from tiny_models import sample_text, tiny_model, tiny_tokenizer
+from tiny_models import sample_text, save_tiny, tiny_model, tiny_tokenizer
 
 from lighten.algorithms.calibrate import calibrate_model
 from lighten.errors import LightenError
+from lighten.models import load_model, open_weights
 from lighten.quantize import dequantize_weight, make_plan, quantize_weights
 
 TEXTS = [sample_text(2000, seed=1)]
@@ -57,6 +58,27 @@ def test_other_algorithms_run(algorithm, arch):
     q = calibrate_model(model, tiny_tokenizer(), TEXTS, plan, algorithm, **CALIB)
     assert list(q) == list(plan)
     assert _logits(model).isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "arch,algorithm", [("llama", "gptq"), ("gpt2", "gptq"), ("bert", "gptq"), ("llama", "awq")]
+)
+def test_blocks_streamed_from_the_files_quantize_the_same(tmp_path, arch, algorithm):
+    src = save_tiny(arch, tmp_path / "src")
+    in_memory, tok = load_model(src)
+    plan = make_plan(in_memory, "int4:g32")
+    want = calibrate_model(in_memory, tok, TEXTS, plan, algorithm, **CALIB)
+    streamed, _ = load_model(src)
+    with open_weights(src) as weights:
+        got = calibrate_model(streamed, tok, TEXTS, plan, algorithm, weights=weights, **CALIB)
+    for name, q in want.items():
+        assert all(torch.equal(got[name].tensors[k], t) for k, t in q.tensors.items()), name
+    # The blocks' planned weights are dropped (the returned tensors are their only copy); everything else
+    # (norms, AWQ's folded scales, weights outside the blocks) is what the in-memory run left.
+    state, want_state = streamed.state_dict(), in_memory.state_dict()
+    dropped = {k for k, t in state.items() if t.is_meta}
+    assert dropped and dropped <= plan.keys()
+    assert all(torch.equal(t, want_state[k]) for k, t in state.items() if k not in dropped)
 
 
 def test_unknown_algorithm():

@@ -30,12 +30,21 @@ def rel_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("spec,w8a8", [("int4:g32", False), ("int8", False), ("int8", True), ("nf4", False)])
-def test_pack_model_matches_dequantized_model(spec, w8a8):
+@pytest.mark.parametrize(
+    "spec,w8a8,outlier_threshold",
+    [
+        ("int4:g32", False, None),
+        ("int8", False, None),
+        ("int8", True, None),
+        ("int8", True, 2.5),
+        ("nf4", False, None),
+    ],
+)  # LLM.int8() at 2.5 takes ~12 % of the tiny model's input columns (~N(0, 1)) to fp32
+def test_pack_model_matches_dequantized_model(spec, w8a8, outlier_threshold):
     model = tiny_model("llama")
     quantized = quantize_weights(model, make_plan(model, spec))
     reference = dequantized(tiny_model("llama"), quantized)
-    packed = pack_model(model, quantized, w8a8=w8a8)
+    packed = pack_model(model, quantized, w8a8=w8a8, outlier_threshold=outlier_threshold)
     with torch.no_grad():
         got, want = packed(IDS).logits, reference(IDS).logits
     # W8A8 adds per-token activation rounding (up to 1/254 of each token's absmax per element) at every layer.
@@ -78,6 +87,13 @@ def test_load_checkpoint_packed_matches_dequantized(tmp_path, arch, spec):
     with torch.no_grad():
         got, want = packed(IDS)[0], reference(IDS)[0]
     assert rel_error(got, want) < LOGITS_TOL
+    # Loading streams the file one tensor at a time; it must build, bit for bit, what packing in memory does.
+    in_memory = pack_model(model, quantized)
+    got_state, want_state = packed.state_dict(), in_memory.state_dict()
+    assert got_state.keys() == want_state.keys()
+    assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
+    with torch.no_grad():
+        assert torch.equal(got, in_memory(IDS)[0])
     if arch == "llama":  # tied embeddings stay tied
         assert packed.lm_head.weight is packed.model.embed_tokens.weight
 

@@ -15,7 +15,6 @@ import math
 import re
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
 from lighten import formats
@@ -56,6 +55,9 @@ def allocate_ilp(
 ) -> dict[str, str]:
     """{weight name: spec} with the least total cost whose total size fits `budget_bytes`, solved exactly
     by branch and bound (scipy's HiGHS)."""
+    # Imported here: scipy.optimize adds ~40 MB to the RSS of every process that imports it.
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     options = _options(sizes, budget_bytes)
     keys = [(name, spec) for name, specs in options.items() for spec in specs]
     cost = np.array([costs[k] for k in keys], dtype=float)

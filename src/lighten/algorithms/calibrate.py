@@ -21,6 +21,7 @@ from lighten.algorithms.gptq import gptq_quantize_layer
 from lighten.algorithms.rtn import mse_clip_quantize
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
+from lighten.models import WeightReader
 from lighten.models.arch import Block, model_view, weight_out_in
 from lighten.progress import note, track
 from lighten.quantize import dequantize_weight, quantize_weights
@@ -45,6 +46,7 @@ def calibrate_model(
     algorithm: str = "gptq",
     n_tokens: int = 8192,
     context: int = 512,
+    weights: WeightReader | None = None,
     **options,
 ) -> dict[str, QuantizedTensor]:
     """Quantize every planned weight ([out, in], like quantize_weights) with `algorithm`, calibrated on
@@ -55,7 +57,13 @@ def calibrate_model(
 
     The model is modified in place: every planned weight ends up holding its dequantized value, and AWQ
     also folds its scales into the norms (the returned tensors quantize the folded weights). Deep-copy
-    the model first to keep the original."""
+    the model first to keep the original.
+
+    `weights` (a reader from lighten.models.open_weights, for a model that still equals its files) streams
+    the blocks: each block's tensors are read from the files when its turn comes, and its planned weights
+    are dropped (to the meta device) once it has made the next block's inputs, so that one block's weights
+    are in memory at a time instead of the whole model's. The returned tensors are then the only copy of
+    those weights."""
     if algorithm not in ALGORITHMS:
         raise LightenError(f"unknown calibration algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
     view = model_view(model)
@@ -68,6 +76,7 @@ def calibrate_model(
     quantized = {}
     for block in track(view.blocks, f"{algorithm} calibration", total=len(view.blocks)):
         prefix, layer = _layer(model, block)
+        streamed = weights is not None and _read_block(layer, prefix, weights)
         linears = {
             f"{prefix}.{n}": m
             for n, m in layer.named_modules()
@@ -91,6 +100,9 @@ def calibrate_model(
             quantized[f"{name}.weight"] = q
             w.copy_(q.dequantize())
         inputs = [(_run(layer, x, args, kwargs), args, kwargs) for x, args, kwargs in inputs]
+        if streamed:
+            for linear in linears.values():
+                linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=False)
     rest = {name: spec for name, spec in plan.items() if name not in quantized}
     for name, q in quantize_weights(model, rest).items():
         model.get_parameter(name).copy_(dequantize_weight(model, name, q))
@@ -109,6 +121,17 @@ def _layer(model: nn.Module, block: Block) -> tuple[str, nn.Module]:
         common.append(level[0])
     prefix = ".".join(common)
     return prefix, model.get_submodule(prefix)
+
+
+def _read_block(layer: nn.Module, prefix: str, read: WeightReader) -> bool:
+    """Put the block's tensors, read from the files, in place of its own (which may be pages of a mapped
+    file, resident for good once touched); False, leaving the block alone, if the files lack any of them."""
+    state = layer.state_dict()
+    stored = {name: read(f"{prefix}.{name}") for name in state}
+    if any(t is None or t.shape != state[name].shape for name, t in stored.items()):
+        return False
+    layer.load_state_dict({name: t.to(state[name].dtype) for name, t in stored.items()}, assign=True)
+    return True
 
 
 def _block_inputs(model: nn.Module, first: nn.Module, windows: list[torch.Tensor]) -> list:

@@ -4,7 +4,6 @@
 "spearman" is the rank correlation of all pairwise sentence similarities: search and clustering use the
 order of similarities, and a candidate may move every vector a little (cosine < 1) yet keep that order."""
 
-import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -48,5 +47,7 @@ def embedding_fidelity(reference, candidates: list, tokenizer, sentences: list[s
 def similarity_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman correlation between the pairwise similarities (i < j) of two [n, d] sets of unit embeddings
     of the same n sentences."""
+    import scipy.stats  # here: it adds ~25 MB to the RSS of every process that imports it
+
     i, j = torch.triu_indices(len(a), len(a), offset=1)
     return float(scipy.stats.spearmanr((a @ a.T)[i, j].numpy(), (b @ b.T)[i, j].numpy()).statistic)

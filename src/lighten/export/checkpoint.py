@@ -6,7 +6,6 @@ Layout of a checkpoint directory:
     config.json, tokenizer files, ...   copied from the source model so the directory loads on its own
 """
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -14,7 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 import lighten
@@ -23,7 +23,7 @@ from lighten.errors import LightenError, ModelError
 from lighten.formats import QuantizedTensor
 from lighten.models import build_model, load_model, model_kind
 from lighten.quantize import dequantize_weight
-from lighten.runtime import meta_parameters, pack_model
+from lighten.runtime import meta_parameters, pack_layer
 from lighten.surgery import restore_input_rotations
 
 MANIFEST = "lighten.json"
@@ -113,29 +113,43 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
     Returns (model, tokenizer)."""
     path = Path(path)
     manifest = read_manifest(path)
-    # The empty shell comes from the copied config; its random init is overwritten below. A packed model's
-    # shell gets its parameters on the meta device, so not even an empty full-size copy of them is made.
-    with meta_parameters() if packed else contextlib.nullcontext():
+    dtype = dtype or (torch.bfloat16 if packed else torch.float32)
+    # The shell comes from the copied config with its parameters on the meta device: no memory, no random
+    # init. Each parameter is then replaced by a tensor read from the file, one tensor at a time (cast to
+    # dtype as it is read; a packed layer built as soon as its codes and scales are in), so that the peak is
+    # the loaded model plus one tensor, not the model plus the whole file.
+    with meta_parameters():
         model, tokenizer = build_model(path)
+    quantized = manifest["tensors"]
+    parts = {f"{name}.{key}" for name, info in quantized.items() for key in info["keys"]}
     try:
-        state = load_file(path / WEIGHTS)
+        # pread, not mmap: the pages of a mapped file count in RSS until it is closed, a whole file's worth.
+        weights = safe_open(path / WEIGHTS, framework="pt", backend="pread")
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise ModelError(f"cannot read {path / WEIGHTS}: {e}") from e
-    quantized = {}
-    for name, info in manifest["tensors"].items():
-        try:
-            parts = {key: state.pop(f"{name}.{key}") for key in info["keys"]}
-        except KeyError as e:
-            raise ModelError(f"{path / WEIGHTS} lacks tensor {e} named in {MANIFEST}") from e
-        quantized[name] = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), parts)
-    # Online rotations (surgery "rotate") are not part of the HF architecture: re-attached after loading.
-    rotations = {k: state.pop(k) for k in list(state) if ONLINE_ROTATION in k}
-    if not packed:
-        state.update({name: dequantize_weight(model, name, q) for name, q in quantized.items()})
-    # assign=True puts the loaded tensors in place of the meta parameters instead of copying into them.
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=packed)
-    if packed:
-        pack_model(model, quantized)
+    dequantized = {}
+    with weights as f:
+        if absent := parts - set(f.keys()):
+            raise ModelError(f"{path / WEIGHTS} lacks tensor {min(absent)!r} named in {MANIFEST}")
+        state, rotations = {}, {}
+        for k in sorted(set(f.keys()) - parts):
+            t = f.get_tensor(k)
+            # Online rotations (surgery "rotate") are not part of the HF architecture: re-attached below.
+            if ONLINE_ROTATION in k:
+                rotations[k] = t
+            else:
+                state[k] = t.to(dtype) if t.is_floating_point() else t
+        # assign=True puts the loaded tensors in place of the meta parameters instead of copying into them.
+        # Biases are in place before their layers are packed below.
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        for name, info in quantized.items():
+            tensors = {key: f.get_tensor(f"{name}.{key}") for key in info["keys"]}
+            q = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), tensors)
+            if packed:
+                pack_layer(model, name, q)
+            else:
+                dequantized[name] = dequantize_weight(model, name, q).to(dtype)
+    model.load_state_dict(dequantized, strict=False, assign=True)
     restore_input_rotations(model, rotations)
     model.tie_weights()
     loaded = state.keys() | quantized.keys()
@@ -144,7 +158,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
         raise ModelError(
             f"{path} does not match its config: missing {untied[:5]}, unexpected {unexpected[:5]}"
         )
-    return model.to(dtype or (torch.bfloat16 if packed else torch.float32)).eval(), tokenizer
+    return model.to(dtype).eval(), tokenizer
 
 
 def require_reloadable(model: nn.Module) -> None:

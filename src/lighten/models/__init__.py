@@ -4,6 +4,15 @@ model, tokenizer = load_model("smollm2-135m")   # converted once into cache_dir(
 """
 
 from lighten.models.builtin import BUILTIN, cache_dir
-from lighten.models.load import build_model, load_model, model_kind, resolve
+from lighten.models.load import WeightReader, build_model, load_model, model_kind, open_weights, resolve
 
-__all__ = ["BUILTIN", "build_model", "cache_dir", "load_model", "model_kind", "resolve"]
+__all__ = [
+    "BUILTIN",
+    "WeightReader",
+    "build_model",
+    "cache_dir",
+    "load_model",
+    "model_kind",
+    "open_weights",
+    "resolve",
+]

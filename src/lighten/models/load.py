@@ -2,14 +2,18 @@
 
 transformers is imported inside the functions: it takes seconds, and `lighten --help` should not wait."""
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from lighten.errors import ModelError
 from lighten.models.builtin import BUILTIN, builtin_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+WeightReader = Callable[[str], torch.Tensor | None]  # tensor name -> the tensor, read from a model's files
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -67,6 +71,20 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load the weights in {path}: {e}") from e
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def open_weights(name_or_path: str | Path) -> Iterator[WeightReader]:
+    """read(name): the tensor `name` of a model directory's safetensors files (None if they have no such
+    tensor), each read on its own with pread(2). Not mapped: the pages of a mapped file, once touched, count
+    in the process's RSS until the file is closed, so reading a whole model through a map holds all of it."""
+    with contextlib.ExitStack() as stack:
+        files = [
+            stack.enter_context(safe_open(f, framework="pt", backend="pread"))
+            for f in sorted(resolve(name_or_path).glob("*.safetensors"))
+        ]
+        where = {key: f for f in files for key in f.keys()}
+        yield lambda name: where[name].get_tensor(name) if name in where else None
 
 
 def build_model(name_or_path: str | Path):

@@ -8,6 +8,6 @@ packed bytes only (about QuantizedTensor.nbytes each); no full-precision copy of
 """
 
 from lighten.runtime.linear import PackedLinear, packed_linear
-from lighten.runtime.model import meta_parameters, pack_model
+from lighten.runtime.model import meta_parameters, pack_layer, pack_model
 
-__all__ = ["PackedLinear", "meta_parameters", "pack_model", "packed_linear"]
+__all__ = ["PackedLinear", "meta_parameters", "pack_layer", "pack_model", "packed_linear"]

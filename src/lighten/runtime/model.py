@@ -11,7 +11,12 @@ from lighten.formats import QuantizedTensor
 from lighten.runtime.linear import packed_linear
 
 
-def pack_model(model: nn.Module, quantized: dict[str, QuantizedTensor], w8a8: bool = False) -> nn.Module:
+def pack_model(
+    model: nn.Module,
+    quantized: dict[str, QuantizedTensor],
+    w8a8: bool = False,
+    outlier_threshold: float | None = None,
+) -> nn.Module:
     """Replace each planned Linear / Conv1D (its weight name minus ".weight") by its packed layer and cast
     the rest of the model to bf16: the packed kernels compute in bf16, so bf16 norms, embeddings and
     attention keep the activations in bf16 end to end instead of converting at every packed layer, and
@@ -19,25 +24,38 @@ def pack_model(model: nn.Module, quantized: dict[str, QuantizedTensor], w8a8: bo
     dequantized to bf16.
 
     `quantized` is what quantize_weights returns: every matrix is [out, in], GPT-2's Conv1D included (it
-    stores W as [in, out] but computes x W, the same product as a Linear with weight W^T)."""
-    mode = "w8a8" if w8a8 else "weight-only"
+    stores W as [in, out] but computes x W, the same product as a Linear with weight W^T). With w8a8, an
+    `outlier_threshold` (e.g. 6.0) keeps LLM.int8()'s outlier columns out of the int8 product."""
     for name, q in quantized.items():
-        module_name = name.removesuffix(".weight")
-        module = model.get_submodule(module_name)
-        if isinstance(module, (nn.Linear, Conv1D)):
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, packed_linear(q, module.bias, mode))
-        elif isinstance(module, nn.Embedding):
-            old, new = module.weight, nn.Parameter(q.dequantize(torch.bfloat16), requires_grad=False)
-            for owner in model.modules():  # a tied lm_head shares the Parameter: keep it tied
-                for key, param in owner.named_parameters(recurse=False):
-                    if param is old:
-                        setattr(owner, key, new)
-        else:
-            raise LightenError(
-                f"{name} belongs to a {type(module).__name__}; only Linear, Conv1D and Embedding pack"
-            )
+        pack_layer(model, name, q, w8a8, outlier_threshold)
     return model.to(torch.bfloat16)
+
+
+def pack_layer(
+    model: nn.Module,
+    name: str,
+    q: QuantizedTensor,
+    w8a8: bool = False,
+    outlier_threshold: float | None = None,
+) -> None:
+    """pack_model for one weight, leaving the dtype of the rest alone: a loader packs each layer as it reads
+    its tensors, so that only one layer's tensors are ever unpacked at a time."""
+    module_name = name.removesuffix(".weight")
+    module = model.get_submodule(module_name)
+    if isinstance(module, (nn.Linear, Conv1D)):
+        parent, _, child = module_name.rpartition(".")
+        mode = "w8a8" if w8a8 else "weight-only"
+        setattr(model.get_submodule(parent), child, packed_linear(q, module.bias, mode, outlier_threshold))
+    elif isinstance(module, nn.Embedding):
+        old, new = module.weight, nn.Parameter(q.dequantize(torch.bfloat16), requires_grad=False)
+        for owner in model.modules():  # a tied lm_head shares the Parameter: keep it tied
+            for key, param in owner.named_parameters(recurse=False):
+                if param is old:
+                    setattr(owner, key, new)
+    else:
+        raise LightenError(
+            f"{name} belongs to a {type(module).__name__}; only Linear, Conv1D and Embedding pack"
+        )
 
 
 @contextlib.contextmanager
