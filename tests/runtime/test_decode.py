@@ -98,6 +98,8 @@ def test_decoder_refuses_other_families_and_long_sequences():
     decoder = Decoder(tiny_model("llama"), max_len=8)
     with pytest.raises(ModelError, match="8 positions"):
         decoder.generate(PROMPT, 4)
+    with pytest.raises(ModelError, match="empty"):
+        decoder.generate([], 4)
 
 
 def test_generation_stops_at_the_stop_token():

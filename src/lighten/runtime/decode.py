@@ -139,7 +139,7 @@ class Decoder:
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True):
             max_len = min(max_len, window)  # within the window, sliding attention is full attention
-        self.model, self.max_len = model, max_len
+        self.max_len = max_len
         self.heads, self.kv_heads, self.head_dim = view.num_heads, view.num_kv_heads, view.head_dim
         self.blocks = [
             LeanBlock(
@@ -163,7 +163,7 @@ class Decoder:
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
 
-    @torch.no_grad()  # not inference_mode: torch.compile cannot trace through it
+    @torch.no_grad()
     def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [vocab] of the last of `tokens` ([T] ids at positions pos..pos+T-1), caching their keys
         and values. Several tokens at once only from position 0 (the prompt)."""
@@ -192,6 +192,8 @@ class Decoder:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: int | None = None) -> Generation:
         """Greedy continuation of `prompt_ids`; stops early after the `stop` token."""
+        if not prompt_ids:
+            raise ModelError("the prompt is empty: give at least one token to continue")
         start = time.perf_counter()
         token = int(self.forward(torch.tensor(prompt_ids), 0).argmax())
         first = time.perf_counter()
