@@ -1,7 +1,7 @@
 """Peak RSS of loading smollm2-135m (fp32, and packed int8 / int4:g128 checkpoints) and of quantizing it,
 each job alone in a fresh python process.
 
-    python benchmarks/memory.py            # ~3 minutes: GPTQ int4:g128 takes most of it
+    python benchmarks/memory.py            # ~4 minutes on 2 idle cores, ~2 of them GPTQ int4:g128
     python benchmarks/memory.py --no-gptq
 
 Peak is the whole process's VmHWM, which an exit hook prints. Every process imports torch, transformers and
