@@ -2,6 +2,7 @@
 GPTQ's wall time and peak RSS on 2 cores are printed too. Calibration uses the calibration split only.
 
     .venv/bin/python benchmarks/calibration.py [--tokens 4096] [--calibration-tokens 4096] [--formats ...]
+    .venv/bin/python benchmarks/calibration.py --models      # the allocation table alone (~15 min)
 """
 
 import argparse
@@ -74,7 +75,12 @@ def allocation_table(args, calib):
     sizes = candidate_sizes(ref, candidates)
     n = sum(ref.get_parameter(k).numel() for k in candidates)
     print("\nsmollm2-135m (real): allocation at equal bytes (objective = summed per-weight KL), all RTN")
-    uniform = {f"uniform {spec}": {k: spec for k in candidates} for spec in ("int3:g128", "int4:g128")}
+    # int3:g32 and int4:g32 cost exactly 3.5 and 4.5 bits here (every row is a multiple of 32 long): the
+    # uniform formats at the budgets' bytes.
+    uniform = {
+        f"uniform {spec}": {k: spec for k in candidates}
+        for spec in ("int3:g128", "int3:g32", "int4:g128", "int4:g32")
+    }
     plans = dict(uniform)
     for bits in ("3.5bits", "4.5bits"):
         budget = parse_budget(bits, n)
@@ -86,10 +92,13 @@ def allocation_table(args, calib):
         calibrate_model(m, tok, calib, plan, "rtn")
         models.append(m)
     fid = causal_fidelity(ref, models, tok, wiki_texts("evaluation"), n_tokens=args.tokens, context=512)
+    every_size = sizes | candidate_sizes(ref, {k: [p[k] for p in uniform.values()] for k in candidates})
     for (how, plan), c in zip(plans.items(), fid["candidates"], strict=True):
-        avg = 8 * total_size(plan, sizes) / n
+        avg = 8 * total_size(plan, every_size) / n
+        # The g32 formats are not candidates, so they were not probed and have no objective.
+        objective = f"{total_cost(plan, costs):.4f}" if all(k in costs for k in plan.items()) else "-"
         print(
-            f"  {how:18s} objective {total_cost(plan, costs):.4f}  {avg:.3f} bits  "
+            f"  {how:18s} objective {objective:>6s}  {avg:.3f} bits  "
             f"ppl {c['perplexity']:.3f}  KL {c['kl']:.4f}",
             flush=True,
         )
@@ -103,7 +112,8 @@ if __name__ == "__main__":
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--sensitivity-tokens", type=int, default=256)
     parser.add_argument("--formats", nargs="+", default=list(FORMATS))
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm"])
+    models = ["smollm2-135m", "minilm"]
+    parser.add_argument("--models", nargs="*", default=models, help="none: the allocation table alone")
     parser.add_argument("--no-allocation", action="store_true")
     args = parser.parse_args()
     calib = wiki_texts("calibration")
