@@ -141,8 +141,8 @@ def test_quantize_with_gptq_and_with_a_budget(tmp_path):
         src,
         "-f",
         "int4:g32",
-        "--budget",
-        "6bits",
+        "--bits",
+        6,
         "--candidates",
         "int4:g32,int8",
         "--calibration-tokens",
@@ -154,6 +154,9 @@ def test_quantize_with_gptq_and_with_a_budget(tmp_path):
     manifest = json.loads((tmp_path / "mixed" / "lighten.json").read_text())
     assert {t["spec"] for t in manifest["tensors"].values()} == {"int4:g32:sym", "int8:channel:sym"}
     assert len(manifest["allocation"]) == len(manifest["tensors"])
+    assert manifest["recipe"]["budget"]["size"] == "6.0bits"
+    twice = ("--bits", 6, "--budget", "1MB", "--candidates", "int4:g32,int8", "-o", tmp_path / "twice")
+    assert_user_error(lighten("quantize", src, "-f", "int4:g32", *twice), "--bits")
 
 
 def test_recipe_and_its_conflicts(tmp_path):

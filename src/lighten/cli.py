@@ -134,6 +134,9 @@ def quantize(
     budget: Annotated[
         str | None, typer.Option(help="Mixed precision under a budget: 4.5bits, 60MB, ...")
     ] = None,
+    bits: Annotated[
+        float | None, typer.Option(help="Budget as average bits per quantized weight (= --budget 4.5bits).")
+    ] = None,
     candidates: Annotated[str, typer.Option(help="Comma-separated specs the budget chooses from.")] = "",
     skip: Annotated[list[str] | None, typer.Option(help="Regex of weights to keep (repeatable).")] = None,
     embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
@@ -145,6 +148,10 @@ def quantize(
     from lighten.pipeline import quantize_to_dir
     from lighten.recipes import load_recipe, recipe_from_options
 
+    if bits is not None:
+        if budget is not None:
+            raise LightenError("give the budget once: --budget SIZE or --bits N, not both")
+        budget = f"{bits}bits"
     if recipe is not None:
         if format or surgery or budget or candidates or skip or embeddings or algorithm != "rtn":
             raise LightenError(
