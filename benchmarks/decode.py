@@ -25,7 +25,7 @@ from gemm import memory_bandwidth
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lighten.export.checkpoint import load
+from lighten.checkpoint import load
 from lighten.export.gguf import export_gguf
 from lighten.formats import get
 from lighten.quantize import make_plan, quantize_weights

@@ -30,7 +30,7 @@ PREAMBLE = """
 import atexit, re, sys
 import torch, transformers
 import lighten.cli, lighten.models, lighten.runtime
-from lighten.export.checkpoint import load
+from lighten.checkpoint import load
 
 
 @atexit.register

@@ -10,7 +10,7 @@ from lighten import formats
 from lighten.algorithms.calibrate import calibrate_model
 from lighten.errors import LightenError
 from lighten.eval.corpora import wiki_texts
-from lighten.export.checkpoint import WEIGHTS, load, read_manifest, save_checkpoint
+from lighten.checkpoint import WEIGHTS, load, read_manifest, save_checkpoint
 from lighten.models import load_model
 from lighten.pipeline import quantize_to_dir
 from lighten.quantize import make_plan, quantize_weights
@@ -34,7 +34,7 @@ def test_fold_rotate_checkpoint_reloads_exactly(tmp_path):
     save_tiny("llama", src)
     model, tokenizer = load_model(src)
     _randomize_norms(model).save_pretrained(src)
-    out, _ = quantize_to_dir(
+    out = quantize_to_dir(
         str(src), recipe_from_options("int8:channel", surgery=("fold", "rotate")), tmp_path / "q"
     )
     assert read_manifest(out)["recipe"]["surgery"] == ["fold", "rotate"]
@@ -65,7 +65,7 @@ def test_surgery_that_changes_the_architecture_is_refused_before_writing(tmp_pat
 def test_weights_read_from_the_files_make_the_in_memory_checkpoint(tmp_path, algorithm):
     src = save_tiny("llama", tmp_path / "src")
     recipe = recipe_from_options("int4:g32", algorithm, calibration_tokens=64)
-    out, _ = quantize_to_dir(str(src), recipe, tmp_path / "q")
+    out = quantize_to_dir(str(src), recipe, tmp_path / "q")
     model, tokenizer = load_model(src)
     plan, texts = make_plan(model, "int4:g32"), wiki_texts("calibration")
     if algorithm == "rtn":

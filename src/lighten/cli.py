@@ -101,7 +101,7 @@ def inspect(
 ):
     """Where the model's outliers are and why: per layer activation/weight outliers, norm gains, RTN error."""
     from lighten.eval import read_text_file
-    from lighten.export.checkpoint import load
+    from lighten.checkpoint import load
     from lighten.inspect import inspect_model, inspect_table, plot_outliers
 
     texts = [read_text_file(text)] if text is not None else None
@@ -171,8 +171,10 @@ def quantize(
             _csv(candidates),
             calibration_tokens,
         )
-    path, table = quantize_to_dir(model, plan, output, force=force)
-    if table:
+    from lighten.checkpoint import read_manifest
+
+    path = quantize_to_dir(model, plan, output, force=force)
+    if table := read_manifest(path)["allocation"]:
         _print_table(
             "allocation",
             ["weight", "format", "bytes", "sensitivity"],

@@ -13,12 +13,12 @@ from lighten.errors import LightenError, ModelError
 from lighten.eval.compare import evaluate
 from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
-from lighten.export.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
+from lighten.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from
 from lighten.models import load_model, model_kind, open_weights, resolve
 from lighten.quantize import quantize_weights
-from lighten.recipes import Recipe, budget_plan, plan_from_recipe
+from lighten.recipes import Recipe, budget_plan, plan_from_recipe, recipe_from_options
 from lighten.runtime.decode import Decoder, Generation
 from lighten.surgery import apply_surgery
 
@@ -26,10 +26,16 @@ DEMO_MODELS = ("minilm", "smollm2-135m")
 DEMO_FORMATS = ("int8:channel", "int4:g128", "fp8_e4m3", "mxfp4", "nf4", "ternary")
 
 
-def quantize_to_dir(model_name: str, recipe: Recipe, out_dir: str | Path, force: bool = False, loaded=None):
-    """Run a recipe on a model and save the checkpoint: exact surgery, then the plan (rules, or sensitivity
-    + ILP under a budget), then the algorithm. Calibration text is the calibration split of the Wikipedia
-    summaries. A `loaded` (model, tokenizer) is left unmodified. Returns (path, allocation table or None)."""
+def quantize_to_dir(
+    model_name: str, recipe: Recipe | str, out_dir: str | Path, force: bool = False, loaded=None
+) -> Path:
+    """Run a recipe (or, given a format spec string, plain RTN to that format) on a model and save the
+    checkpoint: exact surgery, then the plan (rules, or sensitivity + ILP under a budget), then the
+    algorithm. Calibration text is the calibration split of the Wikipedia summaries. A `loaded` (model,
+    tokenizer) is left unmodified. Returns the checkpoint directory; a budget's allocation table is in its
+    manifest (read_manifest(path)["allocation"])."""
+    if isinstance(recipe, str):
+        recipe = recipe_from_options(recipe)
     model, tokenizer = loaded or load_model(model_name)
     calibrates = recipe.surgery or recipe.budget or recipe.algorithm != "rtn"
     if loaded and calibrates:
@@ -55,8 +61,7 @@ def quantize_to_dir(model_name: str, recipe: Recipe, out_dir: str | Path, force:
             quantized = calibrate_model(
                 model, tokenizer, texts, plan, recipe.algorithm, tokens, context, weights=weights
             )
-    path = save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
-    return path, table
+    return save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
 
 
 def export_model(
@@ -83,9 +88,7 @@ def run_demo(
     for name in models:
         loaded = load_model(name)
         paths = [
-            quantize_to_dir(
-                name, spec, Path(out_dir) / f"{name}-{spec.replace(':', '-')}", force=True, loaded=loaded
-            )
+            quantize_to_dir(name, spec, Path(out_dir) / f"{name}-{spec.replace(':', '-')}", force=True, loaded=loaded)
             for spec in specs
         ]
         reports.append(

@@ -10,7 +10,7 @@ from lighten.eval.corpora import eval_sentences, wiki_texts
 from lighten.eval.embeddings import embedding_fidelity
 from lighten.eval.perplexity import causal_fidelity
 from lighten.eval.size import size_report
-from lighten.export.checkpoint import is_checkpoint, load, read_manifest
+from lighten.checkpoint import is_checkpoint, load, read_manifest
 from lighten.models import model_kind, resolve
 from lighten.progress import note
 

@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 from lighten.errors import ModelError
-from lighten.export.checkpoint import is_checkpoint, read_manifest
+from lighten.checkpoint import is_checkpoint, read_manifest
 
 
 def disk_bytes(path: str | Path) -> int:

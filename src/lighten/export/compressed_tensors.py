@@ -27,7 +27,7 @@ from torch import nn
 from lighten import formats
 from lighten.atomic import atomic_dir
 from lighten.errors import LightenError
-from lighten.export.checkpoint import MANIFEST, WEIGHTS, is_checkpoint, read_manifest
+from lighten.checkpoint import MANIFEST, WEIGHTS, is_checkpoint, read_manifest
 from lighten.formats import QuantizedTensor, packing
 from lighten.models import build_model
 

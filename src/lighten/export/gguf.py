@@ -93,9 +93,9 @@ def export_gguf_from(
     force: bool = False,
 ) -> Path:
     """export_gguf for a built-in name, a Hugging Face directory or a lighten checkpoint (dequantized)."""
-    from lighten.export import checkpoint
+    from lighten.checkpoint import load
 
-    model, tokenizer = checkpoint.load(name_or_path)
+    model, tokenizer = load(name_or_path)
     name = Path(str(name_or_path)).name
     return export_gguf(model, tokenizer, out_file, qtype, name, pre_tokenizer, force)
 

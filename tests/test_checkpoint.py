@@ -10,7 +10,7 @@ from lighten import formats
 from lighten.errors import LightenError, ModelError
 from lighten.eval.size import size_report
 from lighten.export import checkpoint
-from lighten.export.checkpoint import MANIFEST, load, save_checkpoint
+from lighten.checkpoint import MANIFEST, load, save_checkpoint
 from lighten.models import load_model
 from lighten.quantize import make_plan, quantize_weights
 
