@@ -6,11 +6,10 @@ import pytest
 import torch
 from tiny_models import save_tiny, tiny_tokenizer
 
-from lighten import formats
+from lighten import checkpoint, formats
+from lighten.checkpoint import MANIFEST, load, save_checkpoint
 from lighten.errors import LightenError, ModelError
 from lighten.eval.size import size_report
-from lighten.export import checkpoint
-from lighten.checkpoint import MANIFEST, load, save_checkpoint
 from lighten.models import load_model
 from lighten.quantize import make_plan, quantize_weights
 

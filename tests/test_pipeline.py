@@ -8,9 +8,9 @@ from tiny_models import save_tiny
 
 from lighten import formats
 from lighten.algorithms.calibrate import calibrate_model
+from lighten.checkpoint import WEIGHTS, load, read_manifest, save_checkpoint
 from lighten.errors import LightenError
 from lighten.eval.corpora import wiki_texts
-from lighten.checkpoint import WEIGHTS, load, read_manifest, save_checkpoint
 from lighten.models import load_model
 from lighten.pipeline import quantize_to_dir
 from lighten.quantize import make_plan, quantize_weights

@@ -100,8 +100,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
 ):
     """Where the model's outliers are and why: per layer activation/weight outliers, norm gains, RTN error."""
-    from lighten.eval import read_text_file
     from lighten.checkpoint import load
+    from lighten.eval import read_text_file
     from lighten.inspect import inspect_model, inspect_table, plot_outliers
 
     texts = [read_text_file(text)] if text is not None else None

@@ -9,11 +9,11 @@ import torch
 
 from lighten.algorithms.activations import collect_input_stats
 from lighten.algorithms.calibrate import calibrate_model
+from lighten.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.errors import LightenError, ModelError
 from lighten.eval.compare import evaluate
 from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
-from lighten.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from
 from lighten.models import load_model, model_kind, open_weights, resolve
@@ -87,8 +87,9 @@ def run_demo(
     reports = []
     for name in models:
         loaded = load_model(name)
+        out = Path(out_dir)
         paths = [
-            quantize_to_dir(name, spec, Path(out_dir) / f"{name}-{spec.replace(':', '-')}", force=True, loaded=loaded)
+            quantize_to_dir(name, spec, out / f"{name}-{spec.replace(':', '-')}", force=True, loaded=loaded)
             for spec in specs
         ]
         reports.append(

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny
 
 from lighten import formats
-from lighten.errors import LightenError
 from lighten.checkpoint import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
+from lighten.errors import LightenError
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.formats import QuantizedTensor, packing
 from lighten.models import load_model, resolve

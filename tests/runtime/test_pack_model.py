@@ -5,8 +5,8 @@ import pytest
 import torch
 from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
-from lighten.errors import ModelError
 from lighten.checkpoint import load, save_checkpoint
+from lighten.errors import ModelError
 from lighten.models import load_model
 from lighten.quantize import dequantize_weight, make_plan, quantize_weights
 from lighten.runtime import PackedLinear, meta_parameters, pack_model

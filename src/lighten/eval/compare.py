@@ -5,12 +5,12 @@ weight, and fidelity — perplexity and token KL for causal LMs, embedding cosin
 
 from pathlib import Path
 
+from lighten.checkpoint import is_checkpoint, load, read_manifest
 from lighten.errors import LightenError
 from lighten.eval.corpora import eval_sentences, wiki_texts
 from lighten.eval.embeddings import embedding_fidelity
 from lighten.eval.perplexity import causal_fidelity
 from lighten.eval.size import size_report
-from lighten.checkpoint import is_checkpoint, load, read_manifest
 from lighten.models import model_kind, resolve
 from lighten.progress import note
 

@@ -6,8 +6,8 @@ import math
 import struct
 from pathlib import Path
 
-from lighten.errors import ModelError
 from lighten.checkpoint import is_checkpoint, read_manifest
+from lighten.errors import ModelError
 
 
 def disk_bytes(path: str | Path) -> int:

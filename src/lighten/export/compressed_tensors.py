@@ -26,8 +26,8 @@ from torch import nn
 
 from lighten import formats
 from lighten.atomic import atomic_dir
-from lighten.errors import LightenError
 from lighten.checkpoint import MANIFEST, WEIGHTS, is_checkpoint, read_manifest
+from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor, packing
 from lighten.models import build_model
 
