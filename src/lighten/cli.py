@@ -3,6 +3,7 @@
 import ctypes
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,17 +30,35 @@ if not out.is_terminal:  # piped or logged: do not squeeze tables into 80 column
 err = Console(stderr=True)
 
 
+class Interrupted(BaseException):
+    """Ctrl-C. Not KeyboardInterrupt, which typer turns into a silent exit before main() could say so."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted
+
+
 def main() -> None:
-    """Console-script entry: a user mistake prints one line and exits 2, never a traceback."""
+    """Console-script entry: a user mistake prints one `error:` line and exits 2, never a traceback."""
     _return_freed_memory()
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        app()
+        # Not standalone: typer would print usage errors as a boxed panel and swallow Ctrl-C.
+        app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+    except typer.TyperException as e:  # bad usage: a missing argument, an unknown option, a non-number
+        ctx = getattr(e, "ctx", None)
+        _fail(f"{e.format_message()} (see `{ctx.command_path if ctx else 'lighten'} --help`)")
     except LightenError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
+        _fail(str(e))
+    except Interrupted:
+        # Outputs are built in temp files and renamed into place only when complete: nothing half-written.
+        err.print("interrupted: no output was written or changed", soft_wrap=True)
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def _return_freed_memory() -> None:
@@ -250,14 +269,18 @@ def export(
         Path, typer.Option("--output", "-o", help="GGUF file or compressed-tensors directory.")
     ],
     type: Annotated[
-        str, typer.Option("--type", help="GGUF tensor type: F16, Q8_0, Q4_0, Q6_K, Q4_K.")
-    ] = "Q8_0",
+        str | None, typer.Option("--type", help="GGUF tensor type: F16, Q8_0 (default), Q4_0, Q6_K, Q4_K.")
+    ] = None,
+    pre_tokenizer: Annotated[
+        str | None,
+        typer.Option(help="GGUF: llama.cpp's pre-tokenizer name, for a tokenizer it does not recognise."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
     """Export for llama.cpp (GGUF, Llama/Qwen2) or vLLM (compressed-tensors, int4/int8 checkpoints)."""
     from lighten.pipeline import export_model
 
-    out.print(f"wrote {export_model(source, to, output, type, force)}")
+    out.print(f"wrote {export_model(source, to, output, type, force, pre_tokenizer)}")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from lighten.eval.embeddings import embed
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from
 from lighten.models import load_model, model_kind, open_weights, resolve
+from lighten.models.limits import max_positions
 from lighten.quantize import quantize_weights
 from lighten.recipes import Recipe, budget_plan, plan_from_recipe, recipe_from_options
 from lighten.runtime.decode import Decoder, Generation
@@ -65,13 +66,23 @@ def quantize_to_dir(
 
 
 def export_model(
-    source: str | Path, to: str, out: str | Path, qtype: str = "Q8_0", force: bool = False
+    source: str | Path,
+    to: str,
+    out: str | Path,
+    qtype: str | None = None,
+    force: bool = False,
+    pre_tokenizer: str | None = None,
 ) -> Path:
-    """Export a model to `to` = "gguf" (a file; from any model lighten loads, re-quantized to a GGUF type)
-    or "compressed-tensors" (a directory; int4/int8 lighten checkpoints, codes carried over exactly)."""
+    """Export a model to `to` = "gguf" (a file; from any model lighten loads, re-quantized to the GGUF type
+    `qtype`, default Q8_0) or "compressed-tensors" (a directory; int4/int8 lighten checkpoints, codes carried
+    over exactly, so no type to choose)."""
     if to == "gguf":
-        return export_gguf_from(source, out, qtype, force=force)
+        return export_gguf_from(source, out, qtype or "Q8_0", pre_tokenizer, force=force)
     if to == "compressed-tensors":
+        if qtype is not None or pre_tokenizer is not None:
+            raise LightenError(
+                "--type and --pre-tokenizer are for GGUF: compressed-tensors keeps the checkpoint's own codes"
+            )
         return export_compressed_tensors(source, out, force=force)
     raise LightenError(f"unknown export target {to!r}: use gguf or compressed-tensors")
 
@@ -108,8 +119,12 @@ def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int 
     first new token)."""
     if not prompts:
         raise LightenError("give at least one --prompt")
+    if max_new_tokens < 1:
+        raise LightenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     model, tokenizer = load(name_or_path, packed=is_checkpoint(name_or_path))
-    if model_kind(model) == "encoder":
+    encoder = model_kind(model) == "encoder"
+    encoded = _encode_prompts(model, tokenizer, prompts, 0 if encoder else max_new_tokens)
+    if encoder:
         start = time.perf_counter()
         emb = embed(model, tokenizer, prompts)
         seconds = time.perf_counter() - start
@@ -119,7 +134,6 @@ def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int 
             "cosine": (emb @ emb.T).tolist(),
             "sentences_per_s": len(prompts) / seconds,
         }
-    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     longest = max(len(ids) for ids in encoded) + max_new_tokens
     try:
         decoder = Decoder(model, longest)
@@ -140,6 +154,25 @@ def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int 
             }
         )
     return {"kind": "causal", "generations": results}
+
+
+def _encode_prompts(model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt; a LightenError for an empty prompt or one the model cannot read whole."""
+    limit = max_positions(model.config)
+    encoded = []
+    for i, prompt in enumerate(prompts, 1):
+        ids = tokenizer(prompt)["input_ids"] if prompt.strip() else []
+        if not ids:
+            verb = "continue" if new_tokens else "embed"
+            raise LightenError(f"prompt {i} is empty: give some text to {verb}")
+        if limit is not None and len(ids) + new_tokens > limit:
+            plus = f" + {new_tokens} new tokens" if new_tokens else ""
+            raise LightenError(
+                f"prompt {i} is {len(ids)} tokens{plus}, beyond the {limit} positions the model reads: "
+                f"shorten it{' or lower --max-new-tokens' if new_tokens else ''}"
+            )
+        encoded.append(ids)
+    return encoded
 
 
 def _hf_generate(model, ids: list[int], max_new_tokens: int) -> Generation:

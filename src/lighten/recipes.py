@@ -98,6 +98,9 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise LightenError(f"{path} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        problem = f"{e.reason} at byte {e.start}"
+        raise LightenError(f"{path} is not UTF-8 text ({problem}): save it as UTF-8") from e
     return parse_recipe(data, default_name=path.name.removesuffix(path.suffix), where=str(path))
 
 

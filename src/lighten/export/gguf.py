@@ -231,7 +231,8 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str | None
         if chk not in PRE_TOKENIZERS:
             raise LightenError(
                 f"llama.cpp would not recognise this tokenizer's pre-tokenizer (check hash {chk[:12]}…, "
-                f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}); name it with pre_tokenizer="
+                f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}); "
+                "name it with --pre-tokenizer NAME"
             )
         pre_tokenizer = PRE_TOKENIZERS[chk]
     writer.add_tokenizer_model("gpt2")
