@@ -179,3 +179,27 @@ def test_packed_buffers_are_integers_that_survive_model_to(spec):
     layer.to(torch.float16)  # casts every floating tensor: only the bias may change
     assert all(not t.is_floating_point() for t in layer.buffers())
     torch.testing.assert_close(layer(x), before, rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g32", "int4:g64:asym"])
+def test_stacked_layers_are_the_stacked_weight_packed(spec):
+    """Stacking packed rows gives the layer packing the stacked weight gives: those formats' scales are per
+    row, so quantizing [W1; W2] quantizes W1 and W2 separately."""
+    fmt, w, b = formats.get(spec), torch.randn(192, K), torch.randn(192)
+    parts = [packed_linear(fmt.quantize(w[:64]), b[:64]), packed_linear(fmt.quantize(w[64:]), b[64:])]
+    joined = type(parts[0]).stacked(parts)
+    whole = packed_linear(fmt.quantize(w), b)
+    assert type(joined) is type(whole) and joined.out_features == 192
+    assert joined.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(t, whole.state_dict()[name]) for name, t in joined.state_dict().items())
+    assert not Int4Linear.can_stack([packed_linear(quantized("int4:g32", n=32)[0])] * 2)  # half a row block
+    with pytest.raises(LightenError, match="cannot be stacked"):
+        DequantLinear.stacked([packed_linear(quantized("nf4")[0])] * 2)
+
+
+def test_fallback_holds_the_quantized_tensor_as_stored():
+    q, b = quantized("nf4:dq")
+    held = DequantLinear(q, b).quantized()
+    assert held.spec == q.spec and held.shape == q.shape
+    for name, t in q.tensors.items():
+        assert held.tensors[name].dtype == t.dtype and torch.equal(held.tensors[name], t)

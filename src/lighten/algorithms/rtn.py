@@ -13,11 +13,7 @@ from lighten.formats import Format, QuantizedTensor
 from lighten.formats.format import grouped
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # 1.0 first: a group keeps the plain RTN scale unless clipping helps
-
-
-def scale_buffers(q: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """Every stored buffer of q but the codes: what Format.quantize(x, scales=...) encodes with."""
-    return {name: t for name, t in q.tensors.items() if name != "codes"}
+scale_buffers = QuantizedTensor.scale_buffers  # every stored buffer of q but the codes (gptq uses it too)
 
 
 def clipped_quantize(w: torch.Tensor, fmt: Format, ratio: torch.Tensor) -> QuantizedTensor:

@@ -28,7 +28,7 @@ from lighten import formats
 from lighten.atomic import atomic_dir
 from lighten.checkpoint import MANIFEST, WEIGHTS, is_checkpoint, read_manifest
 from lighten.errors import LightenError
-from lighten.formats import QuantizedTensor, packing
+from lighten.formats import QuantizedTensor
 from lighten.models import build_model
 
 BITS = {"int4": 4, "int8": 8}
@@ -104,20 +104,19 @@ def _linear_modules(checkpoint_dir: Path, quantized: dict) -> set[str]:
 
 def _convert(q: QuantizedTensor) -> dict[str, torch.Tensor]:
     fmt = formats.get(q.spec)
-    rows, k, _, groups = fmt.geometry(q.shape)
     bits = BITS[fmt.family]
     half = 2 ** (bits - 1)
-    codes = packing.unpack_bits(q.tensors["codes"], bits, rows * k).view(rows, k).long()
+    codes = fmt.codes(q).long()
     # The packed value is q + 2^(b-1): for asym that is lighten's unsigned code itself; for sym,
     # adding 2^(b-1) modulo 2^b to the two's complement code gives the same.
     stored = codes if fmt.asym else (codes + half) % 2**bits
     out = {
         "weight_packed": _pack_int32(stored, bits),
         "weight_scale": q.tensors["scales"],
-        "weight_shape": torch.tensor([rows, k]),
+        "weight_shape": torch.tensor(codes.shape),
     }
     if fmt.asym:
-        zeros = packing.unpack_bits(q.tensors["zeros"], bits, rows * groups).view(rows, groups).long()
+        zeros = fmt.zero_points(q).long()
         out["weight_zero_point"] = _pack_int32(zeros.t(), bits).t().contiguous()
     return out
 

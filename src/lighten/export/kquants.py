@@ -23,6 +23,9 @@ j+4 and min j+4 in their high 2 bits; scales[j+8] holds the low 4 bits of scale 
 """
 
 import numpy as np
+import torch
+
+from lighten.formats.format import fp16_ceil
 
 QK_K = 256
 SUB = 16  # weights per sub-block
@@ -34,7 +37,7 @@ def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     # A sub-scale of absmax / 31.5 keeps every |x / scale| <= 31.5, so rounding lands inside q - 32 in
     # [-32, 31] and the error is at most half a step. Simpler than ggml's RMSE search, provably bounded.
     sub_scale = np.abs(x).max(axis=-1) / 31.5
-    d = _fp16_at_least(sub_scale.max(axis=-1) / 127)
+    d = _fp16_ceil(sub_scale.max(axis=-1) / 127)
     # Rounding the int8 sub-scales *up* keeps the effective step >= the ideal one, so the bound survives.
     scales = np.clip(np.ceil(_ratio(sub_scale, d[:, None])), 0, 127).astype(np.int8)
     step = d[:, None].astype(np.float32) * scales
@@ -68,11 +71,11 @@ def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
     # at or below the smallest weight, and at or below 0, as ggml's format requires), then the step is made
     # to reach the largest weight from there, rounded up too: every weight lies on the grid's span.
     below_zero = np.maximum(-x.min(axis=-1), 0)
-    dmin = _fp16_at_least(below_zero.max(axis=-1) / 63)
+    dmin = _fp16_ceil(below_zero.max(axis=-1) / 63)
     mins = np.clip(np.ceil(_ratio(below_zero, dmin[:, None])), 0, 63).astype(np.uint8)
     offset = dmin[:, None].astype(np.float32) * mins
     sub_scale = (np.maximum(x.max(axis=-1), 0) + offset) / 15
-    d = _fp16_at_least(sub_scale.max(axis=-1) / 63)
+    d = _fp16_ceil(sub_scale.max(axis=-1) / 63)
     scales = np.clip(np.ceil(_ratio(sub_scale, d[:, None])), 0, 63).astype(np.uint8)
     step = d[:, None].astype(np.float32) * scales
     q = np.clip(np.rint(_ratio(x + offset[..., None], step[..., None])), 0, 15)
@@ -112,7 +115,6 @@ def _ratio(x: np.ndarray, unit: np.ndarray) -> np.ndarray:
         return np.where(unit > 0, x / unit, 0)
 
 
-def _fp16_at_least(x: np.ndarray) -> np.ndarray:
-    """x rounded to fp16, upwards where rounding to nearest went below x."""
-    h = x.astype(np.float16)
-    return np.where(h.astype(np.float32) < x, np.nextafter(h, np.float16(np.inf)), h)
+def _fp16_ceil(x: np.ndarray) -> np.ndarray:
+    """The smallest fp16 >= x (x >= 0 fp32), as lighten's own fp16 scales are rounded."""
+    return fp16_ceil(torch.from_numpy(x)).numpy()

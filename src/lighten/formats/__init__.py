@@ -3,6 +3,7 @@
     fmt = get("int4:g128")        # Format; fmt.name == "int4:g128:sym"
     q = fmt.quantize(w)           # QuantizedTensor: q.tensors holds every stored buffer
     w_hat = q.dequantize()        # or fmt.fake_quantize(w) for both steps at once
+    part = q.rows(a, b)           # rows a:b (of q.shape[-1]) as a QuantizedTensor of slices of q's buffers
 
 Spec grammar
 ------------
@@ -45,6 +46,12 @@ gives the bit and trit order); signed ints and mxint8 are two's complement, mini
 sign|exponent|mantissa, nf4 is the code-book index, ternary stores code + 1, binary stores 1
 for negative. `scales` has shape (rows, groups per row); asym adds packed `zeros`, nf4:dq adds
 `scales_scale` and `scales_mean`.
+
+Only formats/ parses these buffers; everything else reads a stored tensor through its Format:
+codes(q) (the unpacked element codes, rows x K), zero_points(q), scale_zero(q) (fp32 per group),
+dequantize_values(q, values) (scales applied to element values decoded elsewhere, e.g. by a table),
+row_align(shape) and row_slice(q, a, b) = q.rows(a, b), and q.scale_buffers() (what quantize(x,
+scales=...) takes).
 """
 
 from lighten.formats.format import Format, QuantizedTensor, get, list_formats

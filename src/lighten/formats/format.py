@@ -117,15 +117,14 @@ class Format:
         """Name -> (dtype, shape) of every buffer QuantizedTensor.tensors holds for `shape`.
 
         codes: the element codes of all rows in one stream (packing.py), row-major.
-        scales: one per group, (rows, groups per row): fp16 (rounded UP, see _fp16_ceil),
+        scales: one per group, (rows, groups per row): fp16 (rounded UP, see fp16_ceil),
             fp32 absmax for nf4, E8M0 byte (2^(b - 127)) for mx*, int8 code for nf4:dq.
         zeros: asym only, the integer zero-points packed at b bits, row-major.
         scales_scale, scales_mean: nf4:dq only, fp32 scale per 256 absmax codes and their mean.
         """
         rows, k, _, groups = self.geometry(shape)
-        n = rows * k
-        codes = (n + 4) // 5 if self.element is TERNARY else packing.packed_nbytes(n, self.element.bits)
-        out = {"codes": (torch.uint8, (codes,)), "scales": (self.scale_dtype, (rows, groups))}
+        out = {"codes": (torch.uint8, (self._codes_nbytes(rows * k),))}
+        out["scales"] = (self.scale_dtype, (rows, groups))
         if self.asym:
             out["zeros"] = (torch.uint8, (packing.packed_nbytes(rows * groups, self.element.bits),))
         if self.dq:
@@ -148,7 +147,7 @@ class Format:
             tensors = dict(scales)
         # Encode with the scale exactly as stored (fp16-rounded, E8M0, double-quantized), so the
         # decoder sees the grid the encoder rounded to.
-        scale, zero = self.scale_zero(tensors, rows, groups)
+        scale, zero = self._scale_zero(tensors, rows, groups)
         codes = self.element.encode(v / torch.where(scale == 0, 1, scale)[..., None] + zero[..., None])
         codes = codes.view(rows, groups * g)[:, :k]
         if self.element is TERNARY:
@@ -158,34 +157,110 @@ class Format:
         return QuantizedTensor(self.name, tuple(x.shape), {"codes": packed, **tensors})
 
     def dequantize(self, q: "QuantizedTensor", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if q.spec != self.name:
-            raise SpecError(f"{q.spec} tensor passed to {self.name}.dequantize; use q.dequantize()")
-        rows, k, g, groups = self.geometry(q.shape)
-        if self.element is TERNARY:
-            codes = packing.unpack_trits(q.tensors["codes"], rows * k)
-        else:
-            codes = packing.unpack_bits(q.tensors["codes"], self.element.bits, rows * k)
-        v = grouped(self.element.decode(codes).view(rows, k), g, groups)
-        scale, zero = self.scale_zero(q.tensors, rows, groups)
-        x = (v - zero[..., None]) * scale[..., None]
-        return x.view(rows, groups * g)[:, :k].reshape(q.shape).to(dtype)
+        return self.dequantize_values(q, self.element.decode(self.codes(q))).to(dtype)
+
+    def dequantize_values(self, q: "QuantizedTensor", values: torch.Tensor) -> torch.Tensor:
+        """q's fp32 weights from its element values (rows, K), e.g. decoded through a lookup table rather
+        than element.decode: applies the zero-points and scales. dequantize is this after the decode."""
+        rows, k, g, groups = self.geometry(self._own(q).shape)
+        v = grouped(values.reshape(rows, k), g, groups)
+        scale, zero = self.scale_zero(q)
+        if self.asym:  # the other formats' zero-points are all 0
+            v = v - zero[..., None]
+        return (v * scale[..., None]).view(rows, groups * g)[:, :k].reshape(q.shape)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(x), x.dtype)
 
-    def scale_zero(self, t, rows, groups) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group fp32 (scale, zero-point) from the stored buffers: x = (element - zero) * scale."""
+    # ---- reading the stored buffers: nothing outside formats/ parses them ---------------------------
+
+    def codes(self, q: "QuantizedTensor") -> torch.Tensor:
+        """The element codes as stored, unpacked: uint8 (rows, K) with K = q.shape[-1], what element.decode
+        reads (two's complement for signed ints and mxint8, the unsigned code for asym, sign|exp|mantissa
+        for minifloats, the code-book index for nf4, code + 1 for ternary, 1 for negative for binary)."""
+        n = math.prod(self._own(q).shape)
+        if self.element is TERNARY:
+            codes = packing.unpack_trits(q.tensors["codes"], n)
+        elif self.element.bits == 8:  # the stream is the codes: a view, no copy
+            codes = q.tensors["codes"][:n]
+        else:
+            codes = packing.unpack_bits(q.tensors["codes"], self.element.bits, n)
+        return codes.view(-1, q.shape[-1])
+
+    def zero_points(self, q: "QuantizedTensor") -> torch.Tensor:
+        """The integer zero-points of an asym tensor, uint8 (rows, groups per row) like its scales."""
+        if not self.asym:
+            raise SpecError(f"{self.name} has no zero-points: only :asym ints store them")
+        rows, _, _, groups = self.geometry(self._own(q).shape)
+        return self._zeros(q.tensors, rows, groups)
+
+    def scale_zero(self, q: "QuantizedTensor") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group fp32 (scale, zero-point), (rows, groups per row): x = (element - zero) * scale."""
+        rows, _, _, groups = self.geometry(self._own(q).shape)
+        return self._scale_zero(q.tensors, rows, groups)
+
+    def _scale_zero(self, t, rows, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale_zero from the buffers themselves: quantize needs it before there is a QuantizedTensor."""
         zero = torch.zeros(rows, groups)
         if self.rule == "e8m0":  # 2^(byte - 127); byte 255 is NaN (the encoder never writes it)
             byte = t["scales"]
             return torch.where(byte == 255, math.nan, torch.exp2(byte.float() - 127)), zero
         if self.dq:
-            codes = _pad(t["scales"].view(torch.int8).reshape(-1).float(), DQ_BLOCK).view(-1, DQ_BLOCK)
-            absmax = codes * t["scales_scale"][:, None] + t["scales_mean"]
+            codes = packing.pad_to_multiple(t["scales"].view(torch.int8).reshape(-1).float(), DQ_BLOCK)
+            absmax = codes.view(-1, DQ_BLOCK) * t["scales_scale"][:, None] + t["scales_mean"]
             return absmax.view(-1)[: rows * groups].view(rows, groups), zero
         if self.asym:
-            zero = packing.unpack_bits(t["zeros"], self.element.bits, rows * groups).view(rows, groups)
+            zero = self._zeros(t, rows, groups)
         return t["scales"].float(), zero.float()
+
+    def _zeros(self, t, rows, groups) -> torch.Tensor:
+        return packing.unpack_bits(t["zeros"], self.element.bits, rows * groups).view(rows, groups)
+
+    # ---- rows of a stored tensor ---------------------------------------------------------------------
+
+    def row_align(self, shape) -> int:
+        """Fewest rows (of K = shape[-1]) after which the codes, the packed zero-points and the nf4:dq scale
+        blocks all start afresh on a byte or block boundary: row_slice cuts at multiples of it."""
+        k, (_, _, _, groups) = shape[-1], self.geometry(shape)
+        bits = self.element.bits
+        align = 5 // math.gcd(5, k) if self.element is TERNARY else 8 // math.gcd(8, k * bits)
+        if self.granularity != "tensor" and self.asym:
+            align = math.lcm(align, 8 // math.gcd(8, groups * bits))
+        if self.dq:
+            align = math.lcm(align, DQ_BLOCK // math.gcd(DQ_BLOCK, groups))
+        return align
+
+    def row_slice(self, q: "QuantizedTensor", a: int, b: int) -> "QuantizedTensor":
+        """Rows a:b (of K = q.shape[-1]) as a QuantizedTensor of shape (b - a, K), made of slices of q's
+        buffers (no copy). a must be a multiple of row_align, and b as well unless it is the last row.
+        A per-tensor scale (and zero-point) is every part's."""
+        k = self._own(q).shape[-1]
+        rows, align = math.prod(q.shape) // k, self.row_align(q.shape)
+        if not 0 <= a < b <= rows or a % align or (b % align and b != rows):
+            raise ValueError(
+                f"rows {a}:{b} of a {self.name} tensor of {rows} rows of {k}: the bounds must be multiples "
+                f"of {align} (or the end), where every buffer starts on a byte / block boundary"
+            )
+        t = dict(q.tensors)
+        t["codes"] = t["codes"][self._codes_nbytes(a * k) : self._codes_nbytes(b * k)]
+        if self.granularity != "tensor":
+            groups = self.geometry(q.shape)[3]
+            t["scales"] = t["scales"][a:b]
+            if self.asym:
+                start, end = (packing.packed_nbytes(r * groups, self.element.bits) for r in (a, b))
+                t["zeros"] = t["zeros"][start:end]
+            if self.dq:
+                t["scales_scale"] = t["scales_scale"][a * groups // DQ_BLOCK : -(-b * groups // DQ_BLOCK)]
+        return QuantizedTensor(q.spec, (b - a, k), t)
+
+    def _own(self, q: "QuantizedTensor") -> "QuantizedTensor":
+        if q.spec != self.name:
+            raise SpecError(f"{q.spec} tensor passed to {self.name}; use its own format, get(q.spec)")
+        return q
+
+    def _codes_nbytes(self, n: int) -> int:
+        """Bytes of a stream of n element codes (trits go five to a byte)."""
+        return (n + 4) // 5 if self.element is TERNARY else packing.packed_nbytes(n, self.element.bits)
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,6 +275,14 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return get(self.spec).dequantize(self, dtype)
+
+    def rows(self, a: int, b: int) -> "QuantizedTensor":
+        """Rows a:b by slicing the buffers: Format.row_slice."""
+        return get(self.spec).row_slice(self, a, b)
+
+    def scale_buffers(self) -> dict[str, torch.Tensor]:
+        """Every stored buffer but the codes: what Format.quantize(x, scales=...) encodes with."""
+        return {name: t for name, t in self.tensors.items() if name != "codes"}
 
     @classmethod
     def from_tensors(cls, spec: str, shape: tuple, tensors: dict) -> "QuantizedTensor":
@@ -220,13 +303,13 @@ class QuantizedTensor:
 def _absmax(fmt, v, counts):
     scale = v.abs().amax(-1) / fmt.max_value
     if fmt.family != "nf4":
-        return {"scales": _fp16_ceil(scale)}
+        return {"scales": fp16_ceil(scale)}
     return _double_quantize(scale) if fmt.dq else {"scales": scale}
 
 
 def _minmax(fmt, v, counts):
     lo, hi = v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0)  # keep 0 on the grid
-    scale = _fp16_ceil((hi - lo) / fmt.max_value)
+    scale = fp16_ceil((hi - lo) / fmt.max_value)
     zero = torch.round(-lo / torch.where(scale == 0, 1, scale)).clamp(0, fmt.max_value)
     return {"scales": scale, "zeros": packing.pack_bits(zero.to(torch.uint8), fmt.element.bits)}
 
@@ -247,7 +330,7 @@ def _absmean(fmt, v, counts):
 _SCALE_RULES = {"absmax": _absmax, "minmax": _minmax, "e8m0": _e8m0, "absmean": _absmean}
 
 
-def _fp16_ceil(s: torch.Tensor) -> torch.Tensor:
+def fp16_ceil(s: torch.Tensor) -> torch.Tensor:
     """Smallest fp16 >= s (s >= 0, capped at the fp16 max). Rounding the scale up rather than to
     nearest keeps absmax / scale <= max, so nothing clips and |x - x_hat| <= scale / 2 holds
     with the stored scale; it costs at most 2^-10 relative resolution."""
@@ -259,7 +342,7 @@ def _fp16_ceil(s: torch.Tensor) -> torch.Tensor:
 def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
     """QLoRA double quantization: absmax - mean, symmetric int8 per block of 256, fp32 scales."""
     mean = absmax.mean()
-    d = _pad((absmax - mean).reshape(-1), DQ_BLOCK).view(-1, DQ_BLOCK)
+    d = packing.pad_to_multiple((absmax - mean).reshape(-1), DQ_BLOCK).view(-1, DQ_BLOCK)
     scale = d.abs().amax(-1) / 127
     # ceil, not round: the decoded absmax is never below the true one, so no element clips.
     codes = torch.ceil(d / torch.where(scale == 0, 1, scale)[:, None]).clamp(-127, 127)
@@ -269,11 +352,9 @@ def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def grouped(v: torch.Tensor, g: int, groups: int) -> torch.Tensor:
     """(rows, K) -> (rows, groups, G), zero-padding the short last group of each row."""
+    if groups * g == v.shape[1]:
+        return v.reshape(-1, groups, g)  # no short group: no copy
     return torch.cat([v, v.new_zeros(v.shape[0], groups * g - v.shape[1])], 1).view(-1, groups, g)
-
-
-def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(-x.numel() % multiple)])
 
 
 # ---- spec parsing ---------------------------------------------------------------------------

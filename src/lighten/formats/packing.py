@@ -24,13 +24,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if 8 % bits == 0:
         # 1, 2, 4, 8 bits: whole codes per byte, so stay in uint8.
         per_byte = 8 // bits
-        c = _pad(codes, per_byte).view(-1, per_byte)
+        c = pad_to_multiple(codes, per_byte).view(-1, per_byte)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         out = (c << shifts).sum(dim=1, dtype=torch.uint8)  # disjoint bits: sum == or
     else:
         # 3, 5, 6, 7 bits: 8 codes fill exactly `bits` bytes; assemble them in an int64
         # (at most 56 bits, so no sign trouble) and cut it into bytes.
-        c = _pad(codes, 8).view(-1, 8).long()
+        c = pad_to_multiple(codes, 8).view(-1, 8).long()
         word = (c << torch.arange(0, 8 * bits, bits)).sum(dim=1)
         out = ((word[:, None] >> torch.arange(0, 8 * bits, 8)) & 0xFF).to(torch.uint8).view(-1)
     return out[: packed_nbytes(n, bits)].contiguous()
@@ -47,7 +47,7 @@ def unpack_bits(buf: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         out = (buf[:, None] >> shifts) & mask
     else:
-        b = _pad(buf, bits).view(-1, bits).long()
+        b = pad_to_multiple(buf, bits).view(-1, bits).long()
         word = (b << torch.arange(0, 8 * bits, 8)).sum(dim=1)
         out = ((word[:, None] >> torch.arange(0, 8 * bits, bits)) & mask).to(torch.uint8)
     return out.reshape(-1)[:n].contiguous()
@@ -58,7 +58,7 @@ _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8)
 
 def pack_trits(trits: torch.Tensor) -> torch.Tensor:
     """Pack uint8 trits in {0, 1, 2} (any shape, read flat), five per byte."""
-    t = _pad(trits.reshape(-1), 5).view(-1, 5)
+    t = pad_to_multiple(trits.reshape(-1), 5).view(-1, 5)
     return (t * _POW3).sum(dim=1, dtype=torch.uint8)  # max 242: never wraps
 
 
@@ -68,7 +68,8 @@ def unpack_trits(buf: torch.Tensor, n: int) -> torch.Tensor:
     return ((buf.reshape(-1, 1) // _POW3) % 3).reshape(-1)[:n].contiguous()
 
 
-def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """A flat tensor zero-padded to a multiple of `multiple` elements."""
     return torch.cat([x, x.new_zeros(-x.numel() % multiple)])
 
 

@@ -51,15 +51,6 @@ class ModelView:
 
 def model_view(model: nn.Module) -> ModelView:
     """The view of a supported model; ModelError naming what is missing otherwise."""
-    names = {id(m): n for n, m in model.named_modules()}
-
-    def group(label: str, norm: nn.Module, *linears: nn.Module) -> NormGroup:
-        return NormGroup(label, norm, {names[id(m)]: m for m in linears})
-
-    def named(m: nn.Module) -> tuple[str, nn.Module]:
-        return names[id(m)], m
-
-    cfg = model.config
     base = (
         getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "bert", model)
     )
@@ -72,89 +63,100 @@ def model_view(model: nn.Module) -> ModelView:
         raise _unsupported(
             model, "no list of transformer blocks (model.layers, transformer.h or encoder.layer)"
         )
-    first = layers[0]
-    if hasattr(first, "input_layernorm") and hasattr(first, "self_attn") and hasattr(first.mlp, "gate_proj"):
-        blocks = [
-            Block(
-                group(
-                    names[id(b.input_layernorm)],
-                    b.input_layernorm,
-                    b.self_attn.q_proj,
-                    b.self_attn.k_proj,
-                    b.self_attn.v_proj,
-                ),
-                named(b.self_attn.o_proj),
-                group(
-                    names[id(b.post_attention_layernorm)],
-                    b.post_attention_layernorm,
-                    b.mlp.gate_proj,
-                    b.mlp.up_proj,
-                ),
-                named(b.mlp.down_proj),
-            )
-            for b in layers
-        ]
-        head = getattr(model, "lm_head", None)
-        final = group(names[id(base.norm)], base.norm, *([head] if head is not None else []))
-        n_heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        return ModelView(
-            "llama",
-            True,
-            {names[id(base.embed_tokens)]: base.embed_tokens},
-            blocks,
-            final,
-            n_heads,
-            n_kv,
-            head_dim,
-        )
-    if hasattr(first, "ln_1") and hasattr(first.attn, "c_attn"):
-        blocks = [
-            Block(
-                group(names[id(b.ln_1)], b.ln_1, b.attn.c_attn),
-                named(b.attn.c_proj),
-                group(names[id(b.ln_2)], b.ln_2, b.mlp.c_fc),
-                named(b.mlp.c_proj),
-            )
-            for b in layers
-        ]
-        head = getattr(model, "lm_head", None)
-        final = group(names[id(base.ln_f)], base.ln_f, *([head] if head is not None else []))
-        emb = {names[id(base.wte)]: base.wte, names[id(base.wpe)]: base.wpe}
-        n = cfg.n_head
-        return ModelView("gpt2", True, emb, blocks, final, n, n, cfg.n_embd // n)
-    if hasattr(first, "attention") and hasattr(first, "intermediate") and hasattr(first, "output"):
-        # Post-LN: block i's q/k/v read the LayerNorm that closed block i-1 (the embeddings' for block 0).
-        norms = [base.embeddings.LayerNorm] + [b.output.LayerNorm for b in layers]
-        blocks = []
-        for i, b in enumerate(layers):
-            sa = b.attention.self
-            blocks.append(
-                Block(
-                    group(names[id(norms[i])], norms[i], sa.query, sa.key, sa.value),
-                    named(b.attention.output.dense),
-                    group(
-                        names[id(b.attention.output.LayerNorm)],
-                        b.attention.output.LayerNorm,
-                        b.intermediate.dense,
-                    ),
-                    named(b.output.dense),
-                )
-            )
-        e = base.embeddings
-        emb = {
-            names[id(m)]: m
-            for m in (e.word_embeddings, e.position_embeddings, getattr(e, "token_type_embeddings", None))
-            if m is not None
-        }
-        n = cfg.num_attention_heads
-        return ModelView("bert", False, emb, blocks, None, n, n, cfg.hidden_size // n)
+    names = {id(m): n for n, m in model.named_modules()}
+    for family_view in FAMILY_VIEWS:
+        view = family_view(model, base, layers, names)
+        if view is not None:
+            return view
     raise _unsupported(
         model,
         "its blocks match none of the Llama (input_layernorm/self_attn/mlp.gate_proj), "
         "GPT-2 (ln_1/attn.c_attn) or BERT (attention/intermediate/output) layouts",
     )
+
+
+# Each builder below recognises its family by the structure of the first block (None if it is not its
+# family) and builds the view; `names` maps id(module) -> the module's qualified name in the model.
+
+
+def _llama_view(model, base, layers, names) -> ModelView | None:
+    first = layers[0]
+    if not (
+        hasattr(first, "input_layernorm") and hasattr(first, "self_attn") and hasattr(first.mlp, "gate_proj")
+    ):
+        return None
+    blocks = [
+        Block(
+            _group(names, b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
+            _named(names, b.self_attn.o_proj),
+            _group(names, b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj),
+            _named(names, b.mlp.down_proj),
+        )
+        for b in layers
+    ]
+    cfg = model.config
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    emb = dict([_named(names, base.embed_tokens)])
+    final = _group(names, base.norm, *_lm_head(model))
+    return ModelView("llama", True, emb, blocks, final, n_heads, n_kv, head_dim)
+
+
+def _gpt2_view(model, base, layers, names) -> ModelView | None:
+    if not (hasattr(layers[0], "ln_1") and hasattr(layers[0].attn, "c_attn")):
+        return None
+    blocks = [
+        Block(
+            _group(names, b.ln_1, b.attn.c_attn),
+            _named(names, b.attn.c_proj),
+            _group(names, b.ln_2, b.mlp.c_fc),
+            _named(names, b.mlp.c_proj),
+        )
+        for b in layers
+    ]
+    emb = dict([_named(names, base.wte), _named(names, base.wpe)])
+    final = _group(names, base.ln_f, *_lm_head(model))
+    n = model.config.n_head
+    return ModelView("gpt2", True, emb, blocks, final, n, n, model.config.n_embd // n)
+
+
+def _bert_view(model, base, layers, names) -> ModelView | None:
+    if not all(hasattr(layers[0], part) for part in ("attention", "intermediate", "output")):
+        return None
+    # Post-LN: block i's q/k/v read the LayerNorm that closed block i-1 (the embeddings' for block 0).
+    norms = [base.embeddings.LayerNorm] + [b.output.LayerNorm for b in layers]
+    blocks = [
+        Block(
+            _group(names, norm, b.attention.self.query, b.attention.self.key, b.attention.self.value),
+            _named(names, b.attention.output.dense),
+            _group(names, b.attention.output.LayerNorm, b.intermediate.dense),
+            _named(names, b.output.dense),
+        )
+        for norm, b in zip(norms, layers, strict=False)  # the last norm closes the last block: no reader here
+    ]
+    e = base.embeddings
+    embeddings = (e.word_embeddings, e.position_embeddings, getattr(e, "token_type_embeddings", None))
+    emb = dict(_named(names, m) for m in embeddings if m is not None)
+    n = model.config.num_attention_heads
+    return ModelView("bert", False, emb, blocks, None, n, n, model.config.hidden_size // n)
+
+
+FAMILY_VIEWS = [_llama_view, _gpt2_view, _bert_view]
+
+
+def _named(names: dict, m: nn.Module) -> tuple[str, nn.Module]:
+    return names[id(m)], m
+
+
+def _group(names: dict, norm: nn.Module, *linears: nn.Module) -> NormGroup:
+    return NormGroup(names[id(norm)], norm, dict(_named(names, m) for m in linears))
+
+
+def _lm_head(model: nn.Module) -> list[nn.Module]:
+    """The LM head as a reader of the final norm, if the model has one."""
+    head = getattr(model, "lm_head", None)
+    return [head] if head is not None else []
 
 
 def _unsupported(model: nn.Module, why: str) -> ModelError:

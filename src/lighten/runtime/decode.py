@@ -1,9 +1,10 @@
 """Greedy batch-1 generation with a lean forward for Llama-family models (Llama, Qwen2, Mistral, SmolLM2).
 
 At batch 1 a small model's token costs a few dozen small ops per layer, and the Hugging Face forward wraps
-each layer in masks, cache objects and keyword plumbing that cost more than the weights' bytes (SmolLM2-135M:
-~37 ms a token, most of it outside the matmuls). This loop calls the model's own modules — packed or not —
-with nothing around them, and Hugging Face's RMSNorm (seven small ops) as torch's one fused op:
+each layer in masks, cache objects and keyword plumbing that cost more than the weights' bytes (in a model
+as small as SmolLM2-135M most of a token's time goes outside the matmuls). This loop calls the model's own
+modules — packed or not — with nothing around them, and Hugging Face's RMSNorm (seven small ops) as torch's
+one fused op:
 
     x = embed(token)
     per block:  h = norm1(x);  q, k, v = qkv(h);  RoPE;  write k, v to a preallocated cache;  SDPA
@@ -14,7 +15,6 @@ q/k/v and gate/up each become one kernel call (join_linears); RoPE rotates the q
 tables the model's own rotary module computes once.
 """
 
-import copy
 import functools
 import time
 from collections.abc import Callable
@@ -26,12 +26,8 @@ from torch import nn
 
 from lighten.errors import ModelError
 from lighten.models.arch import model_view
-from lighten.runtime.linear import Int4Linear, Int8Linear, W8A8Linear
+from lighten.runtime.linear import PackedLinear
 
-# Buffers a packed layer keeps per output row and the dim they run along; "weight" (the big one) is shared.
-ROW_BUFFERS = {Int8Linear: {"scales": 0}, W8A8Linear: {"scales": 0}, Int4Linear: {"scales_and_zeros": 1}}
-# torch's int4 CPU layout interleaves rows within blocks of 64: parts join only on that boundary.
-INT4_ROW_BLOCK = 64
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose tables do not depend on the length
 
 
@@ -49,10 +45,11 @@ class Concat(nn.Module):
 def join_linears(layers: list[nn.Module]) -> nn.Module:
     """One layer computing several layers of the same input, outputs concatenated on the last dim.
 
-    Layers of one kind (nn.Linear or a packed int8 / int4 layer) and one spec join into one matmul over their
-    stacked rows. The stacked weight is the only copy afterwards: each original layer's weight becomes a
-    view of its rows, so the model's own forward keeps working and no memory is added. Anything else (the
-    LUT fallback, mixed specs, a layer with hooks such as an online rotation) runs as a Concat."""
+    Layers of one kind (nn.Linear, or a packed layer whose rows stack: PackedLinear.stacked) and one spec
+    join into one matmul over their stacked rows. The stacked weight is the only copy afterwards: each
+    original layer's weight becomes a view of its rows, so the model's own forward keeps working and no
+    memory is added. Anything else (the LUT fallback, mixed specs, a layer with hooks such as an online
+    rotation) runs as a Concat."""
     kind = type(layers[0])
     same = all(
         type(m) is kind
@@ -62,33 +59,31 @@ def join_linears(layers: list[nn.Module]) -> nn.Module:
         and (m.bias is None) == (layers[0].bias is None)
         for m in layers
     )
-    rows = [m.out_features for m in layers]
-    if kind is Int4Linear:
-        same = same and all(n % INT4_ROW_BLOCK == 0 for n in rows)
-    if not same or not (kind is nn.Linear or kind in ROW_BUFFERS):
-        return Concat(layers)
-    weight = torch.cat([m.weight for m in layers])
-    bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
-    if kind is nn.Linear:
-        joined = nn.Linear(layers[0].in_features, sum(rows), bias is not None, device="meta")
-        joined.weight = nn.Parameter(weight, requires_grad=False)
+    if same and kind is nn.Linear:
+        joined = _stacked_linear(layers)
+    elif same and issubclass(kind, PackedLinear) and kind.can_stack(layers):
+        joined = kind.stacked(layers)
     else:
-        joined = copy.copy(layers[0])  # shares the settings (group size, padding); buffers replaced below
-        joined._buffers = dict(joined._buffers, weight=weight)
-        for name, dim in ROW_BUFFERS[kind].items():
-            joined._buffers[name] = torch.cat([m._buffers[name] for m in layers], dim)
-        joined._parameters = dict(joined._parameters)
-        joined.out_features = sum(rows)
-    if bias is not None:
-        joined.bias = nn.Parameter(bias, requires_grad=False)
+        return Concat(layers)
     start = 0
-    for m, n in zip(layers, rows, strict=True):
-        view = weight[start : start + n]  # contiguous: whole rows
+    for m in layers:
+        n = m.out_features
+        view = joined.weight[start : start + n]  # contiguous: whole rows
         if kind is nn.Linear:
             m.weight = nn.Parameter(view, requires_grad=False)
         else:
             m.weight = view
         start += n
+    return joined
+
+
+def _stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
+    first = layers[0]
+    rows = sum(m.out_features for m in layers)
+    joined = nn.Linear(first.in_features, rows, first.bias is not None, device="meta")
+    joined.weight = nn.Parameter(torch.cat([m.weight for m in layers]), requires_grad=False)
+    if first.bias is not None:
+        joined.bias = nn.Parameter(torch.cat([m.bias for m in layers]), requires_grad=False)
     return joined
 
 

@@ -12,6 +12,10 @@ casts its input to bf16 and its output back to the input's dtype.
 
 Every buffer is stored in an integer dtype (floating scales are reinterpreted, not converted): model.to(dtype)
 casts every floating tensor of a model, and that must not round the stored scales.
+
+A QuantizedTensor is read only through its format (codes, scale_zero, row slices: lighten.formats), never by
+parsing its buffers here. Int8Linear and Int4Linear keep the kernel's own layout, whose rows stack into one
+layer computing several (PackedLinear.stacked: the lean decoder's joined q/k/v and gate/up).
 """
 
 import functools
@@ -25,26 +29,50 @@ from lighten import formats
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor, packing
 from lighten.formats.elements import TERNARY
-from lighten.formats.format import DQ_BLOCK
 
 INT4_GROUPS = ("g32", "g64", "g128", "g256")  # the group sizes torch's int4 CPU kernel takes
 BLOCK_ELEMENTS = 2**18  # DequantLinear decodes ~this many weights at a time: 1 MB of fp32 temporaries
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W kept packed. A subclass packs W in __init__ and multiplies in `mm`, which gets a
-    contiguous bf16 [M, k_padded] input: the input zero-padded to the K the packed weight was padded to."""
+    """y = x W^T + b with W kept packed. A subclass packs W into buffers and multiplies in `mm`, which gets a
+    contiguous bf16 [M, k_padded] input: the input zero-padded to the K the packed weight was padded to.
 
-    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None, k_padded: int):
+    A subclass whose packed rows can be stacked (Int8Linear, Int4Linear) takes its buffers in its constructor
+    and packs a QuantizedTensor in `pack`; ROW_BUFFERS names the buffers with one slice per output row and
+    the dim the rows run along, and ROW_BLOCK the row count its parts must be a multiple of (see stacked)."""
+
+    ROW_BUFFERS: dict[str, int] = {}
+    ROW_BLOCK = 1
+
+    def __init__(self, spec: str, shape: tuple[int, int], k_padded: int, bias: torch.Tensor | None):
         super().__init__()
-        if len(q.shape) != 2:
-            raise LightenError(f"a packed linear layer needs a 2-D [out, in] weight, got shape {q.shape}")
-        self.spec = q.spec
-        self.out_features, self.in_features = q.shape
+        self.spec = spec
+        self.out_features, self.in_features = shape
         self.k_padded = k_padded
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
         )
+
+    @classmethod
+    def can_stack(cls, layers: list["PackedLinear"]) -> bool:
+        return bool(cls.ROW_BUFFERS) and all(m.out_features % cls.ROW_BLOCK == 0 for m in layers)
+
+    @classmethod
+    def stacked(cls, layers: list["PackedLinear"]) -> "PackedLinear":
+        """One layer computing `layers` (of this class and one spec, reading the same input) in one matmul,
+        their outputs concatenated: a layer built from their row buffers stacked (see can_stack)."""
+        if not cls.can_stack(layers):
+            raise LightenError(f"these {cls.__name__} layers cannot be stacked: see {cls.__name__}.ROW_BLOCK")
+        first = layers[0]
+        rows = cls.ROW_BUFFERS.items()
+        buffers = {name: torch.cat([getattr(m, name) for m in layers], dim) for name, dim in rows}
+        bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+        return cls(first.spec, first.in_features, **buffers, bias=bias, **first.settings())
+
+    def settings(self) -> dict:
+        """Constructor arguments besides spec, in_features, the buffers and the bias."""
+        return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -60,15 +88,25 @@ class PackedLinear(nn.Module):
 
 
 class Int8Linear(PackedLinear):
-    """int8:channel:sym: the codes are int8 bytes already, so the kernel reads the stored buffer itself."""
+    """int8:channel:sym: the codes are int8 bytes already, so the kernel reads the stored codes themselves.
+    weight: int8 [N, K padded to a multiple of 8]; scales: bf16 [N] (stored as int16)."""
 
-    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
+    ROW_BUFFERS = {"weight": 0, "scales": 0}
+
+    def __init__(self, spec, in_features, weight, scales, bias=None):
+        super().__init__(spec, (weight.shape[0], in_features), weight.shape[1], bias)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def pack(cls, q: QuantizedTensor, bias: torch.Tensor | None = None, **settings) -> "Int8Linear":
+        fmt = formats.get(q.spec)
         n, k = q.shape
+        w = fmt.codes(q).view(torch.int8)
         # _weight_int8pack_mm reads K in steps of 8 (and crashes otherwise): pad it.
-        super().__init__(q, bias, -(-k // 8) * 8)
-        w = q.tensors["codes"].view(torch.int8).view(n, k)
-        self.register_buffer("weight", F.pad(w, (0, self.k_padded - k)) if self.k_padded > k else w)
-        self.register_buffer("scales", _frozen(q.tensors["scales"].view(n).to(torch.bfloat16)))
+        w = F.pad(w, (0, -k % 8)) if k % 8 else w
+        scales = _frozen(fmt.scale_zero(q)[0].view(n).to(torch.bfloat16))
+        return cls(q.spec, k, w, scales, bias, **settings)
 
     def mm(self, x):
         return torch._weight_int8pack_mm(x, self.weight, self.scales.view(torch.bfloat16))
@@ -82,11 +120,12 @@ class W8A8Linear(Int8Linear):
     leave the int8 product (zeroed before the per-token scales are taken) and are multiplied in fp32 with the
     same columns of the dequantized int8 weight, as bitsandbytes does in fp16."""
 
-    def __init__(
-        self, q: QuantizedTensor, bias: torch.Tensor | None = None, outlier_threshold: float | None = None
-    ):
-        super().__init__(q, bias)
+    def __init__(self, spec, in_features, weight, scales, bias=None, outlier_threshold: float | None = None):
+        super().__init__(spec, in_features, weight, scales, bias)
         self.outlier_threshold = outlier_threshold
+
+    def settings(self) -> dict:
+        return {"outlier_threshold": self.outlier_threshold}
 
     def mm(self, x):
         x = x.float()
@@ -114,30 +153,37 @@ class Int4Linear(PackedLinear):
 
     lighten's codes decode as (u - zero) * scale (sym: c * scale, i.e. u = c + 8 with zero-point 8), so
     offset = (8 - zero) * scale, which is 0 for sym. K is zero-padded to whole groups (SmolLM2's 576 at
-    g128)."""
+    g128). weight: the kernel's layout, uint8 [N, K padded / 2]."""
 
-    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
+    ROW_BUFFERS = {"weight": 0, "scales_and_zeros": 1}
+    ROW_BLOCK = 64  # the kernel's layout interleaves rows within blocks of 64: stacked parts join there
+
+    def __init__(self, spec, in_features, weight, scales_and_zeros, bias=None):
+        super().__init__(spec, (weight.shape[0], in_features), weight.shape[1] * 2, bias)
+        self.group_size = int(formats.get(spec).granularity[1:])
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    @classmethod
+    def pack(cls, q: QuantizedTensor, bias: torch.Tensor | None = None) -> "Int4Linear":
         fmt = formats.get(q.spec)
         n, k, _, groups = fmt.geometry(q.shape)
-        self.group_size = int(fmt.granularity[1:])
-        super().__init__(q, bias, groups * self.group_size)
+        k_padded = groups * int(fmt.granularity[1:])
         # tinygemm's codes are unsigned: a sym code c in [-7, 7] becomes u = c + 8, with zero-point 8.
         shift = 0 if fmt.asym else 8
-        scale, zero = fmt.scale_zero(q.tensors, n, groups)
+        scale, zero = fmt.scale_zero(q)
         zero = zero + shift
         # Pieces of 256 rows convert independently (the kernel's layout interleaves rows within blocks of 32
         # or 64), which keeps the int32 copy of the codes that the converter wants small.
         pieces = []
         for a in range(0, n, 256):
             b = min(a + 256, n)
-            codes = packing.unpack_bits(q.tensors["codes"][a * k // 2 : (b * k + 1) // 2], 4, (b - a) * k)
-            u = fmt.element.decode(codes).view(b - a, k) + shift
+            u = fmt.element.decode(fmt.codes(q.rows(a, b))) + shift
             # Padding columns get the row's last zero-point, the code of 0 (the padded activations are 0 too).
-            u = torch.cat([u, zero[a:b, -1:].expand(b - a, self.k_padded - k)], 1)
+            u = torch.cat([u, zero[a:b, -1:].expand(b - a, k_padded - k)], 1)
             pieces.append(torch._convert_weight_to_int4pack_for_cpu(u.int(), 2))
-        self.register_buffer("weight", torch.cat(pieces))
         sz = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_and_zeros", _frozen(sz.to(torch.bfloat16)))
+        return cls(q.spec, k, torch.cat(pieces), _frozen(sz.to(torch.bfloat16)), bias)
 
     def mm(self, x):
         sz = self.scales_and_zeros.view(torch.bfloat16)
@@ -150,17 +196,15 @@ class DequantLinear(PackedLinear):
     them, so the extra memory is one block of weights, never the whole full-precision matrix.
 
     The blocks are multiplied in fp32: decoding yields fp32 anyway, and fp32 GEMM is fast on any x86 CPU
-    while bf16 GEMM is fast only with AVX512-BF16 / AMX (on AVX2 it was ~15x slower at batch 32)."""
+    while bf16 GEMM is fast only with AVX512-BF16 / AMX (on AVX2 it is much slower)."""
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
-        super().__init__(q, bias, q.shape[1])
+        super().__init__(q.spec, q.shape, q.shape[1], bias)
         self.fmt = formats.get(q.spec)
-        _, _, self.g, self.groups = self.fmt.geometry(q.shape)
-        if self.fmt.granularity == "tensor":  # one scale: view each row as one group of it
-            self.g, self.groups = self.in_features, 1
+        self.dtypes = {name: t.dtype for name, t in q.tensors.items()}
         for name, t in q.tensors.items():
             self.register_buffer(name, _frozen(t))
-        align = _row_align(self.fmt, self.in_features, self.groups)
+        align = self.fmt.row_align(q.shape)
         self.block = max(align, BLOCK_ELEMENTS // self.in_features // align * align)
 
     def mm(self, x):
@@ -169,28 +213,15 @@ class DequantLinear(PackedLinear):
         blocks = (self.decode_rows(a, min(a + self.block, n)) for a in range(0, n, self.block))
         return torch.cat([F.linear(x, w) for w in blocks], -1)
 
+    def quantized(self) -> QuantizedTensor:
+        """The QuantizedTensor this layer holds (its buffers, seen in their stored dtypes again)."""
+        tensors = {name: getattr(self, name).view(dtype) for name, dtype in self.dtypes.items()}
+        return QuantizedTensor(self.spec, (self.out_features, self.in_features), tensors)
+
     def decode_rows(self, a: int, b: int) -> torch.Tensor:
         """Rows a:b of W in fp32, exactly as q.dequantize()[a:b]; a is a multiple of self.block."""
-        fmt, k, rows, groups = self.fmt, self.in_features, b - a, self.groups
-        per_tensor = fmt.granularity == "tensor"
-        layout = fmt.layout((self.out_features, k))
-        t = {name: getattr(self, name).view(dtype) for name, (dtype, _) in layout.items()}
-        bits = fmt.element.bits
-        v = _decode(fmt, t["codes"][_nbytes(fmt, a * k) : _nbytes(fmt, b * k)], rows * k).view(rows, k)
-        if not per_tensor:  # else the one scale (and zero-point) serves every block
-            t["scales"] = t["scales"][a:b]
-            if fmt.asym:
-                start, end = (packing.packed_nbytes(r * groups, bits) for r in (a, b))
-                t["zeros"] = t["zeros"][start:end]
-            if fmt.dq:
-                t["scales_scale"] = t["scales_scale"][a * groups // DQ_BLOCK : -(-b * groups // DQ_BLOCK)]
-        scale, zero = fmt.scale_zero(t, 1 if per_tensor else rows, groups)
-        if groups * self.g > k:  # the short last group of each row
-            v = F.pad(v, (0, groups * self.g - k))
-        v = v.view(rows, groups, self.g)
-        if fmt.asym:
-            v = v - zero[..., None]
-        return (v * scale[..., None]).view(rows, -1)[:, :k]
+        part = self.quantized().rows(a, b)
+        return self.fmt.dequantize_values(part, _decode(self.fmt, part))
 
 
 def packed_linear(
@@ -201,20 +232,22 @@ def packed_linear(
 ) -> PackedLinear:
     """The packed layer for a quantized [out, in] weight: the fastest kernel its spec allows (table above).
     `outlier_threshold` (w8a8 only, e.g. 6.0) turns on LLM.int8()'s fp32 outlier columns."""
+    if len(q.shape) != 2:
+        raise LightenError(f"a packed linear layer needs a 2-D [out, in] weight, got shape {q.shape}")
     fmt = formats.get(q.spec)
     int8 = fmt.name == "int8:channel:sym"
     if mode == "w8a8":
         if not int8:
             raise LightenError(f"w8a8 needs int8:channel:sym weights, got {q.spec}; quantize with spec int8")
-        return W8A8Linear(q, bias, outlier_threshold)
+        return W8A8Linear.pack(q, bias, outlier_threshold=outlier_threshold)
     if mode != "weight-only":
         raise LightenError(f"mode is 'weight-only' or 'w8a8', got {mode!r}")
     if outlier_threshold is not None:
         raise LightenError("an outlier threshold (LLM.int8()) splits int8 activations: it needs mode 'w8a8'")
     if int8:
-        return Int8Linear(q, bias)
+        return Int8Linear.pack(q, bias)
     if fmt.family == "int4" and fmt.granularity in INT4_GROUPS and q.shape[0] % 16 == 0:  # N in tiles of 16
-        return Int4Linear(q, bias)
+        return Int4Linear.pack(q, bias)
     return DequantLinear(q, bias)
 
 
@@ -228,41 +261,23 @@ def _frozen(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT[t.element_size()]) if t.is_floating_point() else t
 
 
-def _nbytes(fmt: Format, n: int) -> int:
-    """Bytes of the first n codes (trits go 5 to a byte)."""
-    return (n + 4) // 5 if fmt.element is TERNARY else packing.packed_nbytes(n, fmt.element.bits)
-
-
-def _decode(fmt: Format, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n element values (fp32) of a packed code stream, looked up in a table."""
-    el = fmt.element
-    if el.bits in (4, 8):
-        units = packed  # one lookup per byte unpacks and decodes it
-    elif el is TERNARY:
-        units = packing.unpack_trits(packed, n)
+def _decode(fmt: Format, q: QuantizedTensor) -> torch.Tensor:
+    """q's element values (fp32, rows x K), looked up in a table."""
+    if fmt.element.bits in (4, 8):
+        units = q.tensors["codes"]  # one lookup per byte unpacks and decodes it
     else:
-        units = packing.unpack_bits(packed, el.bits, n)
-    return _decode_table(fmt).index_select(0, units.int()).view(torch.float32)[:n]
+        units = fmt.codes(q).view(-1)
+    n = math.prod(q.shape)
+    return _decode_table(fmt).index_select(0, units.int()).view(torch.float32)[:n].view(q.shape)
 
 
 @functools.cache
 def _decode_table(fmt: Format) -> torch.Tensor:
     """Element value of every code; for 4- and 8-bit codes, of every byte: a 4-bit byte's two fp32 values
-    are read as one int64, because a 1-D lookup of 4- or 8-byte entries runs ~30x faster than one of rows."""
+    are read as one int64, because a 1-D lookup of 4- or 8-byte entries is much faster than one of rows."""
     el = fmt.element
     if el.bits not in (4, 8):
         return el.decode(torch.arange(3 if el is TERNARY else 2**el.bits, dtype=torch.uint8))
     values = el.decode(packing.unpack_bits(torch.arange(256, dtype=torch.uint8), el.bits, 256 * 8 // el.bits))
     return values.view(torch.int64 if el.bits == 4 else torch.float32)
 
-
-def _row_align(fmt: Format, k: int, groups: int) -> int:
-    """Fewest rows after which the codes, the packed zero-points and the nf4:dq scale blocks all start afresh
-    (on a byte or block boundary), so that any multiple of it cuts every buffer by plain slicing."""
-    bits = fmt.element.bits
-    align = 5 // math.gcd(5, k) if fmt.element is TERNARY else 8 // math.gcd(8, k * bits)
-    if fmt.granularity != "tensor" and fmt.asym:
-        align = math.lcm(align, 8 // math.gcd(8, groups * bits))
-    if fmt.dq:
-        align = math.lcm(align, DQ_BLOCK // math.gcd(DQ_BLOCK, groups))
-    return align
