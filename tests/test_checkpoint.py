@@ -1,9 +1,11 @@
 """lighten's checkpoint: save → load rebuilds exactly the fake-quantized model, atomically."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from broken_files import CORRUPTIONS, corrupt
 from tiny_models import save_tiny, tiny_tokenizer
 
 from lighten import checkpoint, formats
@@ -95,3 +97,103 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "q" / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="lacks tensor"):
         load(tmp_path / "q")
+
+
+def _edit_manifest(checkpoint, edit):
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    edit(manifest)
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _first_tensor(manifest):
+    return next(iter(manifest["tensors"].values()))
+
+
+def _rename_first_tensor(manifest, new_name):
+    name = next(iter(manifest["tensors"]))
+    manifest["tensors"][new_name] = manifest["tensors"].pop(name)
+
+
+BROKEN_MANIFESTS = {
+    "no tensors": (lambda m: m.pop("tensors"), '"tensors"'),
+    "tensors a list": (lambda m: m.update(tensors=[]), '"tensors"'),
+    "no source": (lambda m: m.pop("source"), '"source"'),
+    "source path a number": (lambda m: m["source"].update(path=3), '"source"'),
+    "kind unknown": (lambda m: m.update(kind="seq2seq"), '"kind"'),
+    "recipe a string": (lambda m: m.update(recipe="int4"), '"recipe"'),
+    "no spec": (lambda m: _first_tensor(m).pop("spec"), '"spec"'),
+    "unknown spec": (lambda m: _first_tensor(m).update(spec="int9"), "unknown format"),
+    "shape of strings": (lambda m: _first_tensor(m).update(shape=["64", "64"]), '"shape"'),
+    "negative shape": (lambda m: _first_tensor(m).update(shape=[-1, 64]), '"shape"'),
+    "keys a string": (lambda m: _first_tensor(m).update(keys="codes"), '"keys"'),
+    "name leaves the folder": (lambda m: _rename_first_tensor(m, "../../etc/passwd"), "dotted module path"),
+    "name is absolute": (lambda m: _rename_first_tensor(m, "/etc/passwd"), "dotted module path"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_MANIFESTS)
+def test_a_broken_manifest_is_one_clear_error_for_every_reader(tmp_path, broken):
+    src = save_tiny("llama", tmp_path / "src")
+    _quantize_and_save(src, tmp_path / "q", "int4:g32")
+    edit, phrase = BROKEN_MANIFESTS[broken]
+    _edit_manifest(tmp_path / "q", edit)
+    for reader in (checkpoint.read_manifest, load, size_report):
+        with pytest.raises(ModelError, match=f"{tmp_path / 'q' / MANIFEST} is broken: .*{phrase}"):
+            reader(tmp_path / "q")
+
+
+def test_a_manifest_that_is_not_an_object_is_refused(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    _quantize_and_save(src, tmp_path / "q", "int8")
+    (tmp_path / "q" / MANIFEST).write_text("[]")
+    with pytest.raises(ModelError, match="is broken: it is not a JSON object"):
+        load(tmp_path / "q")
+
+
+def test_a_manifest_that_does_not_fit_the_model_is_refused(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    _quantize_and_save(src, tmp_path / "q", "int4:g32")
+    _edit_manifest(tmp_path / "q", lambda m: _first_tensor(m).update(shape=[64, 32]))
+    with pytest.raises(ModelError, match=r"of shape \[64, 32\], but the model .* has it in shape \[64, 64\]"):
+        load(tmp_path / "q")
+    _edit_manifest(tmp_path / "q", lambda m: _rename_first_tensor(m, "model.nothing.weight"))
+    with pytest.raises(ModelError, match="names model.nothing.weight .* has no such weight"):
+        load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_corrupt_checkpoint_weights_are_one_error_naming_the_file(tmp_path, corruption):
+    src = save_tiny("gpt2", tmp_path / "src")
+    _quantize_and_save(src, tmp_path / "q", "int8")
+    weights = corrupt(tmp_path / "q" / checkpoint.WEIGHTS, corruption)
+    for reader in (load, size_report):
+        with pytest.raises(ModelError, match=f"{weights} is not a readable safetensors file"):
+            reader(tmp_path / "q")
+
+
+def test_weights_cut_while_being_read_are_one_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors checks a file's size when it opens it; a file cut after that fails only at a read."""
+    src = save_tiny("gpt2", tmp_path / "src")
+    _quantize_and_save(src, tmp_path / "q", "int8")
+    weights = tmp_path / "q" / checkpoint.WEIGHTS
+    open_safetensors = checkpoint.open_safetensors
+
+    def open_then_cut(file):
+        opened = open_safetensors(file)
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return opened
+
+    monkeypatch.setattr(checkpoint, "open_safetensors", open_then_cut)
+    with pytest.raises(ModelError, match=f"cannot read {weights}"):
+        load(tmp_path / "q")
+
+
+def test_source_is_recorded_absolute_and_builtin_names_stay_names(tmp_path, monkeypatch):
+    save_tiny("gpt2", tmp_path / "models" / "src")
+    monkeypatch.chdir(tmp_path)
+    _quantize_and_save(Path("models/src"), tmp_path / "q", "int8")
+    source = checkpoint.read_manifest(tmp_path / "q")["source"]
+    assert source == {"model": str(tmp_path / "models" / "src"), "path": str(tmp_path / "models" / "src")}
+    model, _ = load_model("models/src")
+    save_checkpoint(model, {}, Path("models/src"), "minilm", tmp_path / "named")
+    assert checkpoint.read_manifest(tmp_path / "named")["source"]["model"] == "minilm"

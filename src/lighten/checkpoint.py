@@ -6,23 +6,27 @@ Layout of a checkpoint directory:
     config.json, tokenizer files, ...   copied from the source model so the directory loads on its own
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 import lighten
+from lighten import formats
 from lighten.atomic import atomic_dir
-from lighten.errors import LightenError, ModelError
+from lighten.errors import LightenError, ModelError, SpecError
 from lighten.formats import QuantizedTensor
-from lighten.models import build_model, load_model, model_kind
-from lighten.quantize import dequantize_weight
+from lighten.models import BUILTIN, build_model, load_model, model_kind
+from lighten.models.load import open_safetensors
+from lighten.quantize import dequantize_weight, is_transposed
 from lighten.runtime import meta_parameters, pack_layer
 from lighten.surgery import restore_input_rotations
 
@@ -31,6 +35,8 @@ ONLINE_ROTATION = ".input_hadamard."
 WEIGHTS = "model.safetensors"
 # Small files a model directory needs besides its weights (config, tokenizer, sentence-transformers glue).
 SIDECAR_SUFFIXES = {".json", ".txt", ".model"}
+# Weight names in a manifest are module paths: never anything a file path could be made of ("../", "/").
+DOTTED_NAME = re.compile(r"\w+(\.\w+)*", re.ASCII)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -80,7 +86,11 @@ def save_checkpoint(
     manifest = {
         "lighten_version": lighten.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": source_name, "path": str(source_dir)},
+        # A directory is recorded absolute: eval compares against it by default, from any folder.
+        "source": {
+            "model": source_name if source_name in BUILTIN else str(Path(source_dir).resolve()),
+            "path": str(Path(source_dir).resolve()),
+        },
         "kind": model_kind(model),
         "recipe": dataclasses.asdict(recipe) if recipe is not None else None,
         "allocation": allocation,
@@ -97,10 +107,65 @@ def save_checkpoint(
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The checkpoint's manifest, checked here once so that every reader can rely on its keys and types.
+    "recipe" and "allocation" are None when absent."""
+    file = Path(path) / MANIFEST
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path} is not a readable lighten checkpoint ({e})") from e
+    if problem := _manifest_problem(manifest):
+        raise ModelError(f"{file} is broken: {problem}; quantize the source model again to re-create it")
+    manifest.setdefault("recipe", None)
+    manifest.setdefault("allocation", None)
+    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What is wrong with a manifest's structure, or None."""
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    source = manifest.get("source")
+    if not (isinstance(source, dict) and all(isinstance(source.get(k), str) for k in ("model", "path"))):
+        return '"source" must be {"model": str, "path": str}'
+    if manifest.get("kind") not in ("causal", "encoder"):
+        return '"kind" must be "causal" or "encoder"'
+    for key, kind in (("recipe", dict), ("allocation", list)):
+        if not isinstance(manifest.get(key), kind | None):
+            return f'"{key}" must be a {kind.__name__} or null'
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict):
+        return '"tensors" must map weight names to {"spec": str, "shape": [int, ...], "keys": [str, ...]}'
+    for name, info in tensors.items():
+        if problem := _tensor_problem(name, info):
+            return f"tensor {name!r}: {problem}"
+    return None
+
+
+def _tensor_problem(name: str, info) -> str | None:
+    if not DOTTED_NAME.fullmatch(name):
+        return "a weight name is a dotted module path such as model.layers.0.mlp.up_proj.weight"
+    if not isinstance(info, dict) or not isinstance(info.get("spec"), str):
+        return 'needs "spec": a format spec string'
+    try:
+        formats.get(info["spec"])
+    except SpecError as e:
+        return str(e)
+    shape, keys = info.get("shape"), info.get("keys")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+        return '"shape" must be a list of positive integers'
+    if not (isinstance(keys, list) and keys and all(isinstance(k, str) and k.isidentifier() for k in keys)):
+        return '"keys" must be a list of stored buffer names such as "codes", "scales"'
+    return None
+
+
+def quantized_parts(path: Path, manifest: dict, stored: set[str]) -> set[str]:
+    """Names of the stored tensors that hold the quantized weights (W.codes, W.scales, ...); refuses a
+    weights file that lacks one of those the manifest names."""
+    parts = {f"{name}.{key}" for name, info in manifest["tensors"].items() for key in info["keys"]}
+    if absent := parts - stored:
+        raise ModelError(f"{path / WEIGHTS} lacks tensor {min(absent)!r} named in {MANIFEST}")
+    return parts
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: bool = False):
@@ -121,16 +186,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
     with meta_parameters():
         model, tokenizer = build_model(path)
     quantized = manifest["tensors"]
-    parts = {f"{name}.{key}" for name, info in quantized.items() for key in info["keys"]}
-    try:
-        # pread, not mmap: the pages of a mapped file count in RSS until it is closed, a whole file's worth.
-        weights = safe_open(path / WEIGHTS, framework="pt", backend="pread")
-    except Exception as e:  # safetensors raises its own error type for a corrupt header
-        raise ModelError(f"cannot read {path / WEIGHTS}: {e}") from e
+    _require_model_weights(path, model, quantized)
     dequantized = {}
-    with weights as f:
-        if absent := parts - set(f.keys()):
-            raise ModelError(f"{path / WEIGHTS} lacks tensor {min(absent)!r} named in {MANIFEST}")
+    # pread, not mmap: the pages of a mapped file count in RSS until it is closed, a whole file's worth.
+    with open_safetensors(path / WEIGHTS) as f, _reading(path / WEIGHTS):
+        parts = quantized_parts(path, manifest, set(f.keys()))
         state, rotations = {}, {}
         for k in sorted(set(f.keys()) - parts):
             t = f.get_tensor(k)
@@ -141,7 +201,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
                 state[k] = t.to(dtype) if t.is_floating_point() else t
         # assign=True puts the loaded tensors in place of the meta parameters instead of copying into them.
         # Biases are in place before their layers are packed below.
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as e:  # a tensor in another shape than the config says
+            raise ModelError(f"{path} does not match its config.json: {e}") from e
         for name, info in quantized.items():
             tensors = {key: f.get_tensor(f"{name}.{key}") for key in info["keys"]}
             q = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), tensors)
@@ -175,6 +238,31 @@ def require_reloadable(model: nn.Module) -> None:
             f"{', ...' if len(diff) > 3 else ''}), so a checkpoint of it would not load back; apply that "
             "surgery in memory (lighten.surgery) instead"
         )
+
+
+def _require_model_weights(path: Path, model: nn.Module, quantized: dict) -> None:
+    """Each quantized weight the manifest names must be one of the model's, in its shape (as quantized:
+    Conv1D's transposed); otherwise it would be unpacked into the wrong place or fail deep inside."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, info in quantized.items():
+        shape = list(params[name].shape) if name in params else None
+        if shape and is_transposed(model, name):
+            shape.reverse()
+        if shape != info["shape"]:
+            has = "no such weight" if shape is None else f"it in shape {shape}"
+            raise ModelError(
+                f"{path / MANIFEST} names {name} of shape {info['shape']}, but the model its config.json "
+                f"builds has {has}: the checkpoint's files do not belong together; re-create it"
+            )
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    """A tensor that cannot be read (the file changed or was cut after it was opened) names the file."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise ModelError(f"cannot read {file} ({e}): re-create the checkpoint") from e
 
 
 def _is_tied(model: nn.Module, name: str, loaded: set[str]) -> bool:

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
+from broken_files import CORRUPTIONS, corrupt
 from safetensors.torch import load_file
 from tiny_models import save_tiny
 
 from lighten import formats
 from lighten.checkpoint import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
-from lighten.errors import LightenError
+from lighten.errors import LightenError, ModelError
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.formats import QuantizedTensor, packing
 from lighten.models import load_model, resolve
@@ -166,6 +167,38 @@ def test_refuses_what_it_cannot_carry_exactly(tmp_path, llama, arch, spec, messa
 def test_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, llama):
     with pytest.raises(LightenError, match="not a lighten checkpoint"):
         export_compressed_tensors(llama[0], tmp_path / "ct")
+
+
+def test_refuses_a_rotated_checkpoint_whose_online_transforms_it_would_drop(tmp_path, llama):
+    from lighten.pipeline import quantize_to_dir
+    from lighten.recipes import recipe_from_options
+
+    recipe = recipe_from_options("int4:g32", surgery=("fold", "rotate"))
+    checkpoint = quantize_to_dir(str(llama[0]), recipe, tmp_path / "q")
+    with pytest.raises(LightenError, match="compressed-tensors .and vLLM. cannot run.*without rotate"):
+        export_compressed_tensors(checkpoint, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_refuses_corrupt_weights_naming_the_file(tmp_path, llama, corruption):
+    src, model = llama
+    checkpoint = _checkpoint(src, model, make_plan(model, "int8:channel"), tmp_path / "q")
+    weights = corrupt(checkpoint / WEIGHTS, corruption)
+    with pytest.raises(ModelError, match=f"{weights} is not a readable safetensors file"):
+        export_compressed_tensors(checkpoint, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_refuses_a_broken_manifest(tmp_path, llama):
+    src, model = llama
+    checkpoint = _checkpoint(src, model, make_plan(model, "int8:channel"), tmp_path / "q")
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    next(iter(manifest["tensors"].values())).pop("shape")
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match='is broken: .*"shape"'):
+        export_compressed_tensors(checkpoint, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
 
 
 def test_refuses_to_overwrite_without_force(tmp_path, llama):

@@ -2,11 +2,13 @@ import json
 
 import pytest
 import torch
+from broken_files import CORRUPTIONS, corrupt
+from tiny_models import save_tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from lighten.errors import ModelError
-from lighten.models import BUILTIN, load_model, model_kind, resolve
+from lighten.models import BUILTIN, load_model, model_kind, open_weights, resolve
 
 TINY = {
     "bert": (
@@ -99,3 +101,93 @@ def test_missing_tokenizer_is_a_model_error(tmp_path):
         f.unlink()
     with pytest.raises(ModelError, match="tokenizer"):
         load_model(path)
+
+
+def _edit_weights(path, edit):
+    """Rewrite a model directory's model.safetensors with edit(state) applied."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_weights_are_refused_not_initialised_at_random(tmp_path):
+    path = save_tiny("qwen2", tmp_path / "qwen2")
+    _edit_weights(path, lambda state: state.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(ModelError, match="missing model.layers.1.mlp.down_proj.weight") as e:
+        load_model(path)
+    assert "ignore_mismatched_sizes" not in str(e.value)
+
+
+def test_weights_of_another_shape_are_refused(tmp_path):
+    path = save_tiny("gpt2", tmp_path / "gpt2")
+
+    def cut(state):
+        name = "transformer.h.0.attn.c_attn.weight"
+        state[name] = state[name][:, :-1].clone()
+
+    _edit_weights(path, cut)
+    with pytest.raises(ModelError, match=r"wrong shape .*c_attn.weight \[64, 191\] \(config") as e:
+        load_model(path)
+    assert "ignore_mismatched_sizes" not in str(e.value)
+
+
+def test_a_tied_lm_head_need_not_be_stored(tmp_path):
+    path = save_tiny("llama", tmp_path / "llama")  # ties lm_head to the embeddings, as SmolLM2 does
+    model, _ = load_model(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_lighten_checkpoint_is_not_loaded_as_a_plain_model(tmp_path):
+    from lighten.checkpoint import MANIFEST, save_checkpoint
+    from lighten.quantize import make_plan, quantize_weights
+
+    src = save_tiny("llama", tmp_path / "src")
+    model, _ = load_model(src)
+    quantized = quantize_weights(model, make_plan(model, "int4:g32"))
+    save_checkpoint(model, quantized, src, str(src), tmp_path / "q")
+    with pytest.raises(ModelError) as e:
+        load_model(tmp_path / "q")
+    assert f"(already quantized to int4:g32:sym); quantize its source model {src} instead" in str(e.value)
+    (tmp_path / "q" / MANIFEST).unlink()
+    with pytest.raises(ModelError, match="looks like a lighten checkpoint .* whose lighten.json is missing"):
+        load_model(tmp_path / "q")
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupt_weights_file_is_one_error_naming_it(tmp_path, corruption):
+    path = save_tiny("llama", tmp_path / "llama")
+    weights = corrupt(path / "model.safetensors", corruption)
+    with pytest.raises(ModelError, match=f"{weights} is not a readable safetensors file"):
+        load_model(path)
+    with pytest.raises(ModelError, match=f"{weights} is not a readable safetensors file"):
+        with open_weights(path):
+            pass
+
+
+class _Unpickled:
+    """Unpickling this creates the file `marker`: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_pickled_weights_beside_safetensors_are_never_read(tmp_path, monkeypatch):
+    import pickle
+
+    path = save_tiny("llama", tmp_path / "llama")
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps(_Unpickled(tmp_path / "unpickled")))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    load_model(path)
+    assert not (tmp_path / "unpickled").exists()
+    (path / "model.safetensors").unlink()
+    assert "only safetensors" in problem(str(path))
+    assert not (tmp_path / "unpickled").exists()

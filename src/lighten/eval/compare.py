@@ -11,7 +11,7 @@ from lighten.eval.corpora import eval_sentences, wiki_texts
 from lighten.eval.embeddings import embedding_fidelity
 from lighten.eval.perplexity import causal_fidelity
 from lighten.eval.size import size_report
-from lighten.models import model_kind, resolve
+from lighten.models import BUILTIN, model_kind, resolve
 from lighten.progress import note
 
 
@@ -29,7 +29,7 @@ def evaluate(
     `loaded` maps a name to an already loaded (model, tokenizer), to avoid loading the reference twice."""
     loaded = dict(loaded or {})
     if reference is None:
-        reference = next((read_manifest(c)["source"]["model"] for c in candidates if is_checkpoint(c)), None)
+        reference = next((source_model(c) for c in candidates if is_checkpoint(c)), None)
     if reference is None and not candidates:
         raise LightenError("nothing to evaluate")
     names = ([reference] if reference is not None else []) + list(candidates)
@@ -77,6 +77,18 @@ def evaluate(
         return report
     report["candidates"] = [row | score for row, score in zip(rows, scores, strict=True)]
     return report
+
+
+def source_model(checkpoint: str | Path) -> str:
+    """The model a checkpoint was quantized from: a built-in name or an absolute directory. Older lightens
+    recorded a directory as given; relative, it would name whatever sits there in the current folder."""
+    source = read_manifest(checkpoint)["source"]["model"]
+    if source not in BUILTIN and not Path(source).is_absolute():
+        raise LightenError(
+            f"{checkpoint} records its source model as the relative path {source!r}, which depends on the "
+            "folder lighten runs in: pass the source model with --reference"
+        )
+    return source
 
 
 def _model_dir(name_or_path: str | Path) -> Path:

@@ -6,8 +6,9 @@ import math
 import struct
 from pathlib import Path
 
-from lighten.checkpoint import is_checkpoint, read_manifest
+from lighten.checkpoint import is_checkpoint, quantized_parts, read_manifest
 from lighten.errors import ModelError
+from lighten.models.load import open_safetensors
 
 
 def disk_bytes(path: str | Path) -> int:
@@ -22,7 +23,8 @@ def tensor_sizes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
     """(elements, bytes) of every tensor in a directory's safetensors files, read from the headers only."""
     sizes = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
+        # open_safetensors checks the whole file first: a corrupt or cut one is an error that names it.
+        with open_safetensors(f), open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         for key, t in header.items():
@@ -40,9 +42,10 @@ def size_report(model_dir: str | Path) -> dict:
         "weight_bytes": sum(b for _, b in sizes.values()),
     }
     if is_checkpoint(model_dir):
-        tensors = read_manifest(model_dir)["tensors"]
+        manifest = read_manifest(model_dir)
+        tensors = manifest["tensors"]
         specs = sorted({t["spec"] for t in tensors.values()})
-        packed = sum(sizes[f"{name}.{k}"][1] for name, t in tensors.items() for k in t["keys"])
+        packed = sum(sizes[part][1] for part in quantized_parts(Path(model_dir), manifest, set(sizes)))
         numel = sum(math.prod(t["shape"]) for t in tensors.values())
         return row | {
             "format": specs[0] if len(specs) == 1 else "mixed",

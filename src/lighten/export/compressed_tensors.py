@@ -21,15 +21,23 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lighten import formats
 from lighten.atomic import atomic_dir
-from lighten.checkpoint import MANIFEST, WEIGHTS, is_checkpoint, read_manifest
+from lighten.checkpoint import (
+    MANIFEST,
+    ONLINE_ROTATION,
+    WEIGHTS,
+    is_checkpoint,
+    quantized_parts,
+    read_manifest,
+)
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
 from lighten.models import build_model
+from lighten.models.load import open_safetensors
 
 BITS = {"int4": 4, "int8": 8}
 CONFIG = "config.json"
@@ -49,7 +57,10 @@ def export_compressed_tensors(checkpoint_dir: str | Path, out_dir: str | Path, f
     for name, info in manifest["tensors"].items():
         _check_exportable(name, info["spec"], info["shape"])
     linears = _linear_modules(checkpoint_dir, manifest["tensors"])
-    state = load_file(checkpoint_dir / WEIGHTS)
+    with open_safetensors(checkpoint_dir / WEIGHTS) as f:
+        _check_no_online_rotation(f.keys())
+        quantized_parts(checkpoint_dir, manifest, set(f.keys()))
+        state = {key: f.get_tensor(key) for key in f.keys()}
     tensors, weight_args = {}, {}
     for name, info in manifest["tensors"].items():
         parts = {key: state.pop(f"{name}.{key}") for key in info["keys"]}
@@ -83,6 +94,15 @@ def _check_exportable(name: str, spec: str, shape: list[int]) -> None:
         raise LightenError(
             f"{name} ({spec}) has rows of {k}, which groups of {g} do not divide; compressed-tensors "
             f"needs equal groups: quantize with a group size that divides {k}, or :channel"
+        )
+
+
+def _check_no_online_rotation(names) -> None:
+    if any(ONLINE_ROTATION in name for name in names):
+        raise LightenError(
+            "this checkpoint was rotated (surgery rotate): it needs an online Hadamard transform before each "
+            "down_proj, which compressed-tensors (and vLLM) cannot run, so the exported model would compute "
+            "something else: quantize without rotate (e.g. --surgery fold) for this target"
         )
 
 

@@ -3,16 +3,18 @@
 transformers is imported inside the functions: it takes seconds, and `lighten --help` should not wait."""
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lighten.errors import ModelError
 from lighten.models.builtin import BUILTIN, builtin_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+PACKED_SUFFIXES = (".codes", ".scales")  # how a lighten checkpoint stores each quantized weight
 WeightReader = Callable[[str], torch.Tensor | None]  # tensor name -> the tensor, read from a model's files
 
 
@@ -64,13 +66,84 @@ def model_kind(model_or_config) -> str:
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer), model in eval mode: AutoModel for encoders, AutoModelForCausalLM for causal LMs."""
+    """(model, tokenizer), model in eval mode: AutoModel for encoders, AutoModelForCausalLM for causal LMs.
+
+    Refuses, rather than initialise at random, any weight the config needs that the files lack or hold in
+    another shape; weights tied to another one (a tied lm_head) are not needed in the files."""
+    _refuse_checkpoint(resolve(name_or_path))
     path, config, auto, tokenizer = _open(name_or_path)
+    for f in sorted(path.glob("*.safetensors")):
+        with open_safetensors(f):  # a corrupt file is named here; transformers' own error would not say which
+            pass
     try:
-        model = auto.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
+        # Mismatched shapes are ignored only to be reported below, in lighten's words.
+        with _without_load_report():
+            model, info = auto.from_pretrained(
+                path,
+                config=config,
+                dtype=dtype,
+                use_safetensors=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load the weights in {path}: {e}") from e
+    _require_all_weights(path, info)
     return model.eval(), tokenizer
+
+
+def _refuse_checkpoint(path: Path) -> None:
+    """A lighten checkpoint is not a Hugging Face model: loaded as one, its packed weights would be missing
+    and the model random."""
+    from lighten.checkpoint import is_checkpoint, read_manifest  # lighten.checkpoint imports this module
+
+    if not is_checkpoint(path):
+        return
+    manifest = read_manifest(path)
+    specs = sorted({info["spec"] for info in manifest["tensors"].values()})
+    raise ModelError(
+        f"{path} is a lighten checkpoint (already quantized to {', '.join(specs) or 'nothing'}); "
+        f"quantize its source model {manifest['source']['model']} instead"
+    )
+
+
+def _require_all_weights(path: Path, info: dict) -> None:
+    """Refuse a model some of whose weights transformers initialised at random: missing from the files
+    (tied weights are not listed) or stored in another shape than the config says."""
+    missing = sorted(info["missing_keys"])
+    mismatched = sorted(
+        f"{name} {list(stored)} (config: {list(wanted)})" for name, stored, wanted in info["mismatched_keys"]
+    )
+    if not missing and not mismatched:
+        return
+    if any(key.endswith(PACKED_SUFFIXES) for key in info["unexpected_keys"]):
+        raise ModelError(
+            f"{path} looks like a lighten checkpoint (its weights are stored as *.codes / *.scales) whose "
+            "lighten.json is missing: copy lighten.json back from where the checkpoint was made, or "
+            "quantize the source model again"
+        )
+    problems = [
+        f"{label} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        for label, names in (("missing", missing), ("wrong shape", mismatched))
+        if names
+    ]
+    raise ModelError(
+        f"{path} does not hold the weights its config.json describes ({'; '.join(problems)}): "
+        "the weights and config.json must come from the same save_pretrained"
+    )
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers logs its own table of missing or mismatched weights, with advice that does not apply to
+    lighten (options it does not have); lighten reports them itself."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -80,11 +153,20 @@ def open_weights(name_or_path: str | Path) -> Iterator[WeightReader]:
     in the process's RSS until the file is closed, so reading a whole model through a map holds all of it."""
     with contextlib.ExitStack() as stack:
         files = [
-            stack.enter_context(safe_open(f, framework="pt", backend="pread"))
+            stack.enter_context(open_safetensors(f))
             for f in sorted(resolve(name_or_path).glob("*.safetensors"))
         ]
         where = {key: f for f in files for key in f.keys()}
         yield lambda name: where[name].get_tensor(name) if name in where else None
+
+
+def open_safetensors(file: Path):
+    """safe_open with pread(2) (see open_weights). safetensors checks the whole header, and that the data
+    covers the file exactly, when it opens one: a corrupt, cut or empty file is one ModelError naming it."""
+    try:
+        return safe_open(file, framework="pt", backend="pread")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{file} is not a readable safetensors file ({e}): re-save or re-download it") from e
 
 
 def build_model(name_or_path: str | Path):
