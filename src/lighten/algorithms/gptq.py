@@ -10,9 +10,13 @@ of columns immediately, to the columns after the block once per block (one matmu
 
 import torch
 
+from lighten.algorithms.registry import HESSIAN, Algorithm
 from lighten.algorithms.rtn import scale_buffers
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
+from lighten.progress import note
+
+DAMP_RETRIES = 3  # a failed Cholesky factorization is retried with 10x, 100x, 1000x the damping
 
 
 def gptq_quantize_layer(
@@ -50,12 +54,7 @@ def gptq_quantize_layer(
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
 
-    # Dampening keeps H positive definite when X is rank-deficient (fewer tokens than inputs, copies).
-    H.diagonal().add_(damp * H.diagonal().mean())
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError as e:
-        raise LightenError(f"GPTQ: the input Hessian is not positive definite; raise damp ({damp})") from e
+    Hinv = _inverse_cholesky(H, damp)
 
     # Work on W^T so that a column is a contiguous row and each update is one rank-1 addr_.
     Wt = W.t().contiguous()
@@ -80,9 +79,31 @@ def gptq_quantize_layer(
     return fmt.quantize(U.t()[:, torch.argsort(perm)], scales=scale_buffers(fmt.quantize(S)))
 
 
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + d I)^-1 with d = damp * mean(diag H), overwriting H. Dampening keeps
+    H positive definite when X is rank-deficient (fewer tokens than inputs, copies); where fp32 rounding
+    still breaks the factorization, d grows tenfold, up to DAMP_RETRIES times, rather than failing the job."""
+    mean, added = H.diagonal().mean(), 0.0
+    for attempt in range(DAMP_RETRIES + 1):
+        d = damp * 10**attempt
+        H.diagonal().add_((d - added) * mean)
+        added = d
+        try:
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+        if attempt:
+            note(f"GPTQ: the input Hessian was not positive definite with damp {damp}; used damp {d}")
+        return Hinv
+    raise LightenError(f"GPTQ: the input Hessian is not positive definite even with damp {d}")
+
+
 def _block_starts(k: int, g: int, block_size: int) -> list[int]:
     """First column of each lazy-update block, laid out so that a group starts at a block start (when
     g > block_size) or lies inside one block (when g <= block_size, blocks are a multiple of g wide)."""
     if g <= block_size:
         return list(range(0, k, block_size // g * g))
     return [s + b for s in range(0, k, g) for b in range(0, min(g, k - s), block_size)]
+
+
+GPTQ = Algorithm("gptq", HESSIAN, lambda w, fmt, hessian: gptq_quantize_layer(w, hessian, fmt))

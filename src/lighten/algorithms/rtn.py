@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from lighten.algorithms.registry import NOTHING, Algorithm
 from lighten.formats import Format, QuantizedTensor
 from lighten.formats.format import grouped
 
@@ -49,3 +50,7 @@ def mse_clip_quantize(w: torch.Tensor, fmt: Format, grid: torch.Tensor = CLIP_GR
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, ratio, best)
     return clipped_quantize(w, fmt, best)
+
+
+RTN = Algorithm("rtn", NOTHING, lambda w, fmt, _: fmt.quantize(w))
+MSE = Algorithm("mse", NOTHING, lambda w, fmt, _: mse_clip_quantize(w, fmt))
