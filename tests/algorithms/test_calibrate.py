@@ -25,7 +25,7 @@ def _logits(model, seed=7):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_rtn_through_the_block_loop_is_quantize_weights(arch):
+def test_rtn_through_calibrate_model_is_quantize_weights(arch):
     model = tiny_model(arch)
     plan = make_plan(model, "int4:g32")
     rtn = quantize_weights(model, plan)
