@@ -14,7 +14,6 @@ from lighten.algorithms.allocate import (
     allocate_greedy,
     allocate_ilp,
     candidate_sizes,
-    parse_budget,
     total_cost,
     total_size,
 )
@@ -22,10 +21,11 @@ from lighten.algorithms.calibrate import calibrate_model
 from lighten.algorithms.sensitivity import layer_sensitivity
 from lighten.eval import causal_fidelity, embedding_fidelity, eval_sentences, wiki_texts
 from lighten.models import load_model
-from lighten.quantize import make_plan
+from lighten.plan import make_plan
+from lighten.recipes import parse_budget
 
 FORMATS = ("int4:g128", "int3:g128", "int2:g64")
-ALGORITHMS = ("rtn", "mse", "awq", "gptq")
+ALGORITHMS = ("rtn", "mse", "awq", "gptq")  # the README table's column order
 
 
 def peak_rss_mb() -> float:

@@ -28,7 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lighten.checkpoint import load
 from lighten.export.gguf import export_gguf
 from lighten.formats import get
-from lighten.quantize import make_plan, quantize_weights
+from lighten.plan import make_plan
+from lighten.quantize import quantize_weights
 from lighten.runtime import pack_model
 from lighten.runtime.decode import Decoder
 

@@ -22,7 +22,7 @@ from lighten.algorithms.act_quant import calibrate_input_scales, quantize_inputs
 from lighten.algorithms.activations import OUTLIER_THRESHOLD, collect_input_stats
 from lighten.eval import causal_fidelity, embedding_fidelity, eval_sentences, wiki_texts
 from lighten.models import load_model
-from lighten.quantize import make_plan
+from lighten.plan import make_plan
 from lighten.surgery import apply_surgery, smooth_values
 
 SCHEMES = {  # name -> (weight spec, activations: "per-token", "static", "llm.int8" or None to keep them)

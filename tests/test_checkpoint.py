@@ -13,7 +13,8 @@ from lighten.checkpoint import MANIFEST, load, save_checkpoint
 from lighten.errors import LightenError, ModelError
 from lighten.eval.size import size_report
 from lighten.models import load_model
-from lighten.quantize import make_plan, quantize_weights
+from lighten.plan import make_plan
+from lighten.quantize import quantize_weights
 
 
 def _quantize_and_save(src, out, spec):

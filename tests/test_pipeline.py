@@ -8,12 +8,14 @@ from tiny_models import save_tiny
 
 from lighten import formats
 from lighten.algorithms.calibrate import calibrate_model
+from lighten.algorithms.registry import ALGORITHMS, get_algorithm
 from lighten.checkpoint import WEIGHTS, load, read_manifest, save_checkpoint
 from lighten.errors import LightenError
 from lighten.eval.corpora import wiki_texts
 from lighten.models import load_model
 from lighten.pipeline import quantize_to_dir
-from lighten.quantize import make_plan, quantize_weights
+from lighten.plan import make_plan
+from lighten.quantize import quantize_weights
 from lighten.recipes import recipe_from_options
 from lighten.surgery import apply_surgery
 
@@ -73,6 +75,25 @@ def test_weights_read_from_the_files_make_the_in_memory_checkpoint(tmp_path, alg
     else:
         quantized = calibrate_model(model, tokenizer, texts, plan, "gptq", 64, recipe.calibration.context)
     save_checkpoint(model, quantized, src, str(src), tmp_path / "want")
+    got, want = load_file(out / WEIGHTS), load_file(tmp_path / "want" / WEIGHTS)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_any_registered_algorithm_runs_and_data_free_ones_read_no_text(tmp_path, monkeypatch):
+    # A name the pipeline cannot know: it must go by what the Algorithm declares (here: collects nothing).
+    monkeypatch.setitem(ALGORITHMS, "clip", ALGORITHMS["mse"])
+
+    def no_text(split):
+        raise AssertionError("calibration text read")
+
+    monkeypatch.setattr("lighten.pipeline.wiki_texts", no_text)
+    src = save_tiny("llama", tmp_path / "src")
+    out = quantize_to_dir(str(src), recipe_from_options("int4:g32", "clip"), tmp_path / "q")
+    model, _ = load_model(src)
+    plan = make_plan(model, "int4:g32")
+    want = quantize_weights(model, plan, quantize_weight=get_algorithm("mse").quantize_weight)
+    save_checkpoint(model, want, src, str(src), tmp_path / "want")
     got, want = load_file(out / WEIGHTS), load_file(tmp_path / "want" / WEIGHTS)
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)

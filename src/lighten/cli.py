@@ -64,9 +64,9 @@ def _fail(message: str) -> None:
 def _return_freed_memory() -> None:
     """Have glibc serve each allocation of 1 MB or more with a mapping of its own, which free() unmaps. By
     default it raises that threshold to the largest block freed so far (up to 32 MB), and then a calibration's
-    temporaries (Hessians, a block's weights and activations, ~1-10 MB each) come from the heap, where the
-    small tensors that outlive them (the quantized layers) keep the freed space from going back: the peak RSS
-    of GPTQ on SmolLM2 was 100-120 MB higher so, for ~5 % less time (benchmarks/memory.py)."""
+    temporaries (Hessians, a block's weights and activations) come from the heap, where the small tensors
+    that outlive them (the quantized layers) keep the freed space from going back: a higher peak RSS for a
+    little less time (measured in the README, benchmarks/memory.py)."""
     try:
         ctypes.CDLL(None).mallopt(-3, 2**20)  # -3: M_MMAP_THRESHOLD
     except AttributeError:  # not glibc

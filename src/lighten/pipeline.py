@@ -9,6 +9,7 @@ import torch
 
 from lighten.algorithms.activations import collect_input_stats
 from lighten.algorithms.calibrate import calibrate_model
+from lighten.algorithms.registry import get_algorithm
 from lighten.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.errors import LightenError, ModelError
 from lighten.eval.compare import evaluate
@@ -18,8 +19,8 @@ from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from
 from lighten.models import load_model, model_kind, open_weights, resolve
 from lighten.models.limits import max_positions
-from lighten.quantize import quantize_weights
-from lighten.recipes import Recipe, budget_plan, plan_from_recipe, recipe_from_options
+from lighten.plan import budget_plan, plan_from_recipe
+from lighten.recipes import Recipe, recipe_from_options
 from lighten.runtime.decode import Decoder, Generation
 from lighten.surgery import apply_surgery
 
@@ -37,8 +38,9 @@ def quantize_to_dir(
     manifest (read_manifest(path)["allocation"])."""
     if isinstance(recipe, str):
         recipe = recipe_from_options(recipe)
+    algorithm = get_algorithm(recipe.algorithm)
     model, tokenizer = loaded or load_model(model_name)
-    calibrates = recipe.surgery or recipe.budget or recipe.algorithm != "rtn"
+    calibrates = recipe.surgery or recipe.budget or algorithm.needs_data
     if loaded and calibrates:
         model = copy.deepcopy(model)
     texts = wiki_texts("calibration") if calibrates else []
@@ -56,12 +58,7 @@ def quantize_to_dir(
     # Without surgery the model still equals its files, and its weights are read from them (a block at a
     # time when calibrating) rather than from its mapped file, whose pages would all stay in RSS.
     with contextlib.nullcontext() if recipe.surgery else open_weights(model_name) as weights:
-        if recipe.algorithm == "rtn":
-            quantized = quantize_weights(model, plan, weights)
-        else:
-            quantized = calibrate_model(
-                model, tokenizer, texts, plan, recipe.algorithm, tokens, context, weights=weights
-            )
+        quantized = calibrate_model(model, tokenizer, texts, plan, algorithm, tokens, context, weights)
     return save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
 
 

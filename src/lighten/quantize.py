@@ -1,51 +1,18 @@
-"""Which weights to quantize (a plan) and round-to-nearest quantization of them.
-
-A plan maps weight names (as in `model.state_dict()`) to a canonical format spec. Only weights that
-feed matrix multiplies are candidates: Linear layers, GPT-2's Conv1D (stored transposed) and, on request,
-embedding tables. Norms and biases always stay in full precision; lm_head is skipped by default because
-the logits are the most sensitive matmul in a language model (and in tied models it *is* the embedding).
+"""Quantization of a plan's weights one at a time ({weight name: spec}, see lighten.plan), by default
+round to nearest, as [out, in] matrices: GPT-2's Conv1D stores its weight transposed.
 """
 
-import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lighten import formats
-from lighten.errors import LightenError
+from lighten.algorithms.rtn import RTN
 from lighten.formats import QuantizedTensor
 from lighten.models import WeightReader
 from lighten.progress import track
-
-DEFAULT_SKIP = ("lm_head",)
-
-
-def make_plan(
-    model: nn.Module, spec: str, skip: tuple[str, ...] = DEFAULT_SKIP, embeddings: bool = False
-) -> dict[str, str]:
-    """One format for every Linear/Conv1D weight (and embedding, if asked) whose module name matches no
-    `skip` regex. A weight tied to an embedding follows the `embeddings` flag; tied weights appear once."""
-    spec = formats.get(spec).name
-    try:
-        patterns = [re.compile(p) for p in skip]
-    except re.error as e:
-        raise LightenError(f"bad --skip pattern: {e}") from e
-    embedding_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    plan, seen = {}, set()
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
-            continue
-        ptr = module.weight.data_ptr()
-        if ptr in embedding_ptrs and not embeddings:
-            continue
-        if ptr in seen or any(p.search(name) for p in patterns):
-            continue
-        seen.add(ptr)
-        plan[f"{name}.weight"] = spec
-    if not plan:
-        raise LightenError("the plan is empty: no Linear weight is left after --skip; loosen --skip")
-    return plan
 
 
 def is_transposed(model: nn.Module, weight_name: str) -> bool:
@@ -54,9 +21,13 @@ def is_transposed(model: nn.Module, weight_name: str) -> bool:
 
 
 def quantize_weights(
-    model: nn.Module, plan: dict[str, str], weights: WeightReader | None = None
+    model: nn.Module,
+    plan: dict[str, str],
+    weights: WeightReader | None = None,
+    quantize_weight: Callable = RTN.quantize_weight,
 ) -> dict[str, QuantizedTensor]:
-    """Round-to-nearest quantization of each planned weight, as [out, in] matrices. `weights` (a reader from
+    """Each planned weight quantized on its own, as an [out, in] matrix, by `quantize_weight` (of an
+    Algorithm that collects nothing: round to nearest by default). `weights` (a reader from
     lighten.models.open_weights, for a model that still equals its files) reads each weight from the files
     instead: the model's own may be pages of a mapped file, which stay in RSS once touched."""
     quantized = {}
@@ -68,7 +39,7 @@ def quantize_weights(
         w = w.detach().float()
         if is_transposed(model, name):
             w = w.t()
-        quantized[name] = formats.get(plan[name]).quantize(w)
+        quantized[name] = quantize_weight(w, formats.get(plan[name]), None)
     return quantized
 
 

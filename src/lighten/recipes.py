@@ -13,27 +13,29 @@
     calibration: {tokens: 512, context: 256}
 
 In a rule pattern `{last}` stands for the index of the model's last block, so one recipe fits models of
-any depth. lm_head stays in full precision unless a rule names it (lighten.quantize.DEFAULT_SKIP).
+any depth. lm_head stays in full precision unless a rule names it (lighten.plan.DEFAULT_SKIP).
 `load_recipe("budget-4.5bits")` reads a shipped recipe; a path reads the user's own.
+
+This module is the schema only and imports no torch, so that a bad recipe fails at once; lighten.plan
+turns a recipe into the plan for a model.
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
-from torch import nn
 
-from lighten import formats
-from lighten.algorithms.allocate import allocate_ilp, allocation_table, candidate_sizes, parse_budget
-from lighten.algorithms.calibrate import ALGORITHMS
-from lighten.algorithms.sensitivity import layer_sensitivity
+from lighten.algorithms.registry import ALGORITHMS
 from lighten.errors import LightenError, SpecError
-from lighten.quantize import DEFAULT_SKIP, make_plan
+from lighten.formats.spec import canonical
 from lighten.surgery import SURGERY_STEPS
 
 KEEP = "keep"
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+BUDGET_FORMS = "bytes (12MB, 12.5MiB, 300KB) or average bits per quantized weight (4.5bits)"
 KEYS = (
     "name",
     "description",
@@ -112,7 +114,7 @@ def parse_recipe(data, default_name: str = "recipe", where: str = "recipe") -> R
 
     def spec(key: str, value) -> str:
         try:
-            return formats.get(value).name
+            return canonical(value)
         except SpecError as e:
             raise SpecError(f"{where}: {key}: {e}") from e
 
@@ -216,57 +218,16 @@ def recipe_from_options(
     return parse_recipe(data, where="options")
 
 
-def plan_from_recipe(model: nn.Module, recipe: Recipe) -> dict[str, str]:
-    """{weight name: spec} from the rules (first match wins) and the default format. A budget is not
-    applied here: `budget_plan` chooses among its candidates for the weights no rule fixes."""
-    n_blocks = model.config.num_hidden_layers
-    plan = {}
-    for name, default in make_plan(model, recipe.format, skip=(), embeddings=recipe.embeddings).items():
-        rule = recipe.rule_for(name, n_blocks)
-        if rule is None and any(re.search(p, name) for p in DEFAULT_SKIP):
-            continue
-        spec = rule.format if rule else default
-        if spec != KEEP:
-            plan[name] = spec
-    if not plan:
-        raise LightenError(
-            f"recipe {recipe.name!r} keeps every weight in full precision: nothing to quantize"
-        )
-    return plan
-
-
-def budget_candidates(model: nn.Module, recipe: Recipe) -> dict[str, list[str]]:
-    """{weight name: specs to choose from}: a weight a rule fixes has that one spec, the others the
-    budget's candidates (the default format alone when the recipe has no budget)."""
-    n_blocks = model.config.num_hidden_layers
-    choices = list(recipe.budget.candidates) if recipe.budget else [recipe.format]
-    return {
-        name: [spec] if recipe.rule_for(name, n_blocks) else choices
-        for name, spec in plan_from_recipe(model, recipe).items()
-    }
-
-
-def budget_plan(model: nn.Module, tokenizer, recipe: Recipe, texts: list[str]) -> tuple[dict[str, str], list]:
-    """(plan, allocation table) for a recipe with a budget: measure each weight's sensitivity to each
-    candidate on the calibration text, then solve the allocation ILP under the budget."""
-    if recipe.budget is None:
-        raise LightenError(f"recipe {recipe.name!r} has no budget: use plan_from_recipe")
-    candidates = budget_candidates(model, recipe)
-    probed = {name: specs for name, specs in candidates.items() if len(specs) > 1}
-    costs = layer_sensitivity(
-        model,
-        tokenizer,
-        texts,
-        probed,
-        n_tokens=recipe.calibration.tokens,
-        context=recipe.calibration.context,
-    )
-    # A weight a rule fixes has one option, so its cost is the same in every plan: 0 changes no choice.
-    costs |= {(name, specs[0]): 0.0 for name, specs in candidates.items() if len(specs) == 1}
-    sizes = candidate_sizes(model, candidates)
-    n_weights = sum(model.get_parameter(name).numel() for name in candidates)
-    plan = allocate_ilp(costs, sizes, parse_budget(recipe.budget.size, n_weights))
-    return plan, allocation_table(plan, costs, sizes)
+def parse_budget(text: str, n_weights: int) -> int:
+    """Budget in bytes from "12MB" | "12.5MiB" | "4.5bits"; bits are averaged over the `n_weights`
+    planned weight elements and include scales and zero-points."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", str(text).lower())
+    if m is None or m[2] not in (*UNITS, "bit", "bits"):
+        raise LightenError(f"budget {text!r} is not understood: give {BUDGET_FORMS}")
+    value = float(m[1])
+    if m[2].startswith("bit"):
+        return math.floor(value * n_weights / 8)
+    return math.floor(value * UNITS[m[2]])
 
 
 def _pattern(pattern: str, n_blocks: int) -> str:

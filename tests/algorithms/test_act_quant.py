@@ -4,8 +4,8 @@ from tiny_models import sample_text, tiny_model, tiny_tokenizer
 from torch import nn
 
 from lighten import formats
-from lighten.algorithms import InputStats, collect_input_stats, token_windows
 from lighten.algorithms.act_quant import calibrate_input_scales, fake_quantize_activation, quantize_inputs
+from lighten.algorithms.activations import InputStats, collect_input_stats, token_windows
 from lighten.errors import LightenError
 
 

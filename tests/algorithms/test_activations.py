@@ -7,7 +7,7 @@ from tiny_models import sample_text, tiny_model, tiny_tokenizer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lighten.algorithms import InputStats, collect_input_stats, token_windows
+from lighten.algorithms.activations import InputStats, collect_input_stats, token_windows
 from lighten.errors import DataError
 
 

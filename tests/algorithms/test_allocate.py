@@ -1,4 +1,4 @@
-"""The allocation ILP against brute force, the greedy baseline, budgets and their parsing."""
+"""The allocation ILP against brute force, the greedy baseline, and budgets."""
 
 import itertools
 import math
@@ -13,12 +13,12 @@ from lighten.algorithms.allocate import (
     allocate_ilp,
     allocation_table,
     candidate_sizes,
-    parse_budget,
     total_cost,
     total_size,
 )
 from lighten.errors import LightenError
-from lighten.quantize import make_plan, quantize_weights
+from lighten.plan import make_plan
+from lighten.quantize import quantize_weights
 
 
 @st.composite
@@ -75,19 +75,6 @@ def test_infeasible_budget_names_the_achievable_range():
             allocate(costs, sizes, 299)
     assert allocate_ilp(costs, sizes, 300) == {"a": "y", "b": "y"}
     assert allocate_ilp(costs, sizes, 10**9) == {"a": "x", "b": "x"}
-
-
-def test_parse_budget_units():
-    assert parse_budget("12MB", 0) == 12_000_000
-    assert parse_budget("12.5MiB", 0) == 12.5 * 2**20
-    assert parse_budget(" 300 kb ", 0) == 300_000
-    assert parse_budget("1GiB", 0) == 2**30
-    assert parse_budget("100B", 0) == 100
-    assert parse_budget("4.5bits", 1000) == 562  # floor(4.5 * 1000 / 8)
-    assert parse_budget("4bit", 1000) == 500
-    for bad in ("", "12", "12 MBs", "-1MB", "four bits", "1e6B", None):
-        with pytest.raises(LightenError, match="4.5bits"):
-            parse_budget(bad, 1000)
 
 
 def test_candidate_sizes_are_the_stored_bytes():

@@ -8,10 +8,11 @@ from tiny_models import sample_text, tiny_model, tiny_tokenizer
 from torch import nn
 
 from lighten import formats
-from lighten.algorithms import collect_input_stats
-from lighten.algorithms.awq import awq_apply, awq_error, awq_fold, awq_search_scales
+from lighten.algorithms.activations import collect_input_stats
+from lighten.algorithms.awq import awq_apply, awq_error, awq_search_scales
 from lighten.models.arch import model_view
-from lighten.quantize import make_plan
+from lighten.plan import make_plan
+from lighten.surgery.smooth import scale_norm_group
 
 
 def _salient_layer(seed=0):
@@ -49,7 +50,7 @@ def test_folded_scales_keep_the_model_exact(arch):
     folded = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     for group in (g_ for b in model_view(folded).blocks for g_ in (b.attn, b.mlp)):
-        awq_fold(group, torch.rand(64, generator=g) * 4 + 0.25)
+        scale_norm_group(group, torch.rand(64, generator=g) * 4 + 0.25)
     with torch.no_grad():
         torch.testing.assert_close(
             folded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-4

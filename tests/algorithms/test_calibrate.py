@@ -9,7 +9,9 @@ from tiny_models import sample_text, save_tiny, tiny_model, tiny_tokenizer
 from lighten.algorithms.calibrate import calibrate_model
 from lighten.errors import LightenError
 from lighten.models import load_model, open_weights
-from lighten.quantize import dequantize_weight, make_plan, quantize_weights
+from lighten.plan import make_plan, plan_from_recipe
+from lighten.quantize import dequantize_weight, quantize_weights
+from lighten.recipes import parse_recipe
 
 TEXTS = [sample_text(2000, seed=1)]
 CALIB = dict(n_tokens=512, context=128)
@@ -23,7 +25,7 @@ def _logits(model, seed=7):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_rtn_through_the_block_loop_is_quantize_weights(arch):
+def test_rtn_through_calibrate_model_is_quantize_weights(arch):
     model = tiny_model(arch)
     plan = make_plan(model, "int4:g32")
     rtn = quantize_weights(model, plan)
@@ -54,7 +56,8 @@ def test_gptq_logits_closer_to_fp32_than_rtn(arch):
 )
 def test_other_algorithms_run(algorithm, arch):
     model = tiny_model(arch)
-    plan = make_plan(model, "int4:g32", skip=())  # lm_head too: outside the blocks, it gets RTN
+    lm_head_too = {"format": "int4:g32", "rules": [{"pattern": "^lm_head", "format": "int4:g32"}]}
+    plan = plan_from_recipe(model, parse_recipe(lm_head_too))  # outside the blocks, lm_head gets RTN
     q = calibrate_model(model, tiny_tokenizer(), TEXTS, plan, algorithm, **CALIB)
     assert list(q) == list(plan)
     assert _logits(model).isfinite().all()

@@ -97,3 +97,17 @@ def test_blocks_never_split_a_group(k, g, block):
         inside = any(s <= c and min(c + g, k) <= e for s, e in zip(starts, ends, strict=True))
         assert inside or c in starts
     assert max(e - s for s, e in zip(starts, ends, strict=True)) <= max(block, 1)
+
+
+def test_a_failed_cholesky_retries_with_more_damping(monkeypatch):
+    notes = []
+    monkeypatch.setattr("lighten.algorithms.gptq.note", notes.append)
+    fmt, (w, _, _) = formats.get("int4:g32"), _layer()
+    H = torch.eye(128)
+    H[5, 5] = -0.5  # indefinite until the damping (x mean diag ~ 0.99) exceeds 0.5: damp 1, the third retry
+    q = gptq_quantize_layer(w, H, fmt)
+    assert q.dequantize().isfinite().all()
+    assert notes == ["GPTQ: the input Hessian was not positive definite with damp 0.01; used damp 1.0"]
+    H[5, 5] = -1e4  # beyond any retry
+    with pytest.raises(LightenError, match="not positive definite even with damp 10.0"):
+        gptq_quantize_layer(w, H, fmt)

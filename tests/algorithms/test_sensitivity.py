@@ -6,7 +6,7 @@ import torch
 from tiny_models import sample_text, tiny_model, tiny_tokenizer
 
 from lighten.algorithms.sensitivity import hessian_trace_sensitivity, layer_sensitivity
-from lighten.quantize import make_plan
+from lighten.plan import make_plan
 
 TEXTS = [sample_text(400)]
 

@@ -14,7 +14,8 @@ from lighten.errors import LightenError, ModelError
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.formats import QuantizedTensor, packing
 from lighten.models import load_model, resolve
-from lighten.quantize import make_plan, quantize_weights
+from lighten.plan import make_plan
+from lighten.quantize import quantize_weights
 
 pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import unpack_from_int32  # noqa: E402

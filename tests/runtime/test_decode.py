@@ -7,7 +7,8 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 from lighten.errors import ModelError
-from lighten.quantize import make_plan, quantize_weights
+from lighten.plan import make_plan
+from lighten.quantize import quantize_weights
 from lighten.runtime import pack_model
 from lighten.runtime.decode import Concat, Decoder, join_linears
 from lighten.runtime.linear import DequantLinear, Int4Linear, Int8Linear

@@ -8,7 +8,8 @@ from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 from lighten.checkpoint import load, save_checkpoint
 from lighten.errors import ModelError
 from lighten.models import load_model
-from lighten.quantize import dequantize_weight, make_plan, quantize_weights
+from lighten.plan import make_plan
+from lighten.quantize import dequantize_weight, quantize_weights
 from lighten.runtime import PackedLinear, meta_parameters, pack_model
 
 # bf16 through two decoder layers: every matmul, norm and softmax rounds to bf16 (2^-9 relative) on

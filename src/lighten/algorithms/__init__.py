@@ -1,5 +1,2 @@
-"""Algorithms that read calibration activations: statistics first (activations), rewrites built on them."""
-
-from lighten.algorithms.activations import OUTLIER_THRESHOLD, InputStats, collect_input_stats, token_windows
-
-__all__ = ["OUTLIER_THRESHOLD", "InputStats", "collect_input_stats", "token_windows"]
+"""Quantization algorithms (registry.py names them) and what they read from calibration text: activation
+statistics (activations.py), sensitivity, the allocation ILP, simulated activation quantization."""

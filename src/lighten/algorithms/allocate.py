@@ -12,7 +12,6 @@ short last groups and per-channel scales cost real bytes, and a budget is a prom
 """
 
 import math
-import re
 
 import numpy as np
 from torch import nn
@@ -20,21 +19,6 @@ from torch import nn
 from lighten import formats
 from lighten.errors import LightenError
 from lighten.quantize import is_transposed
-
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-BUDGET_FORMS = "bytes (12MB, 12.5MiB, 300KB) or average bits per quantized weight (4.5bits)"
-
-
-def parse_budget(text: str, n_weights: int) -> int:
-    """Budget in bytes from "12MB" | "12.5MiB" | "4.5bits"; bits are averaged over the `n_weights`
-    planned weight elements and include scales and zero-points."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", str(text).lower())
-    if m is None or m[2] not in (*UNITS, "bit", "bits"):
-        raise LightenError(f"budget {text!r} is not understood: give {BUDGET_FORMS}")
-    value = float(m[1])
-    if m[2].startswith("bit"):
-        return math.floor(value * n_weights / 8)
-    return math.floor(value * UNITS[m[2]])
 
 
 def candidate_sizes(model: nn.Module, candidates: dict[str, list[str]]) -> dict[tuple[str, str], int]:

@@ -17,11 +17,14 @@ from torch import nn
 
 from lighten import formats
 from lighten.algorithms.activations import InputStats
+from lighten.algorithms.registry import SAMPLES, Algorithm
+from lighten.algorithms.rtn import RTN
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
-from lighten.models.arch import NormGroup, model_view, weight_out_in
+from lighten.models.arch import ModelView, NormGroup, model_view, weight_out_in
 from lighten.progress import note
 from lighten.quantize import quantize_weights
+from lighten.surgery.smooth import scale_norm_group
 
 
 def awq_error(x: torch.Tensor, linears: list[nn.Module], fmt: Format, s: torch.Tensor) -> float:
@@ -51,17 +54,6 @@ def awq_search_scales(x: torch.Tensor, linears: list[nn.Module], fmt: Format, gr
     return best
 
 
-@torch.no_grad()
-def awq_fold(group: NormGroup, s: torch.Tensor) -> None:
-    """Fold scales into a pre-norm group in place: norm output / s, each reader's input columns * s."""
-    for p in (group.norm.weight, getattr(group.norm, "bias", None)):
-        if p is not None:
-            p.div_(s.to(p.dtype))
-    for linear in group.linears.values():
-        w = weight_out_in(linear)
-        w.mul_(s.to(w.dtype))
-
-
 def awq_scale_group(group: NormGroup, x: torch.Tensor, plan: dict[str, str], grid: int = 20) -> None:
     """Search and fold the scales of one norm group, judged on the planned linears among its readers (the
     others are folded too, which keeps them exact). No planned reader: nothing to do."""
@@ -74,7 +66,15 @@ def awq_scale_group(group: NormGroup, x: torch.Tensor, plan: dict[str, str], gri
             f"AWQ shares one set of scales per norm; {group.name}'s readers are planned as {specs}"
         )
     s = awq_search_scales(x, [group.linears[name] for name in planned], formats.get(specs.pop()), grid)
-    awq_fold(group, s)
+    scale_norm_group(group, s)
+
+
+def norms_to_fold(view: ModelView, algorithm: str = "AWQ") -> bool:
+    """Whether the model has pre-norms to fold scales into; if not (post-LN: its norms also write the
+    residual stream, so a scale folded into them would not cancel), a note that it gets plain RTN."""
+    if not view.pre_norm:
+        note(f"{algorithm}: {view.family} is post-norm, with no norm to fold scales into; using plain RTN")
+    return view.pre_norm
 
 
 def awq_apply(
@@ -86,11 +86,10 @@ def awq_apply(
     """AWQ on every norm group of the model's blocks, then RTN of the plan. `stats_or_inputs` maps each
     linear's module name to its input rows [tokens, in] or InputStats with a sample (collect_input_stats
     with samples > 0); one reader per group is enough. Modifies the model in place: the norms and linears
-    hold the folded weights that the returned tensors quantize. Post-norm models (BERT) get plain RTN: their
-    norms also write the residual stream, so a scale folded into them would not cancel."""
+    hold the folded weights that the returned tensors quantize. Post-norm models (BERT) get plain RTN
+    (norms_to_fold)."""
     view = model_view(model)
-    if not view.pre_norm:
-        note(f"AWQ skipped: {view.family} is post-norm, so there is no norm to fold scales into; plain RTN")
+    if not norms_to_fold(view):
         return quantize_weights(model, plan)
     for group in (g for block in view.blocks for g in (block.attn, block.mlp)):
         source = next((stats_or_inputs[n] for n in group.linears if n in stats_or_inputs), None)
@@ -101,3 +100,7 @@ def awq_apply(
             raise LightenError("AWQ needs input samples: collect_input_stats(..., samples=4096)")
         awq_scale_group(group, x, plan, grid)
     return quantize_weights(model, plan)
+
+
+# Scales searched on each norm group's input samples and folded into the norm, then round to nearest.
+AWQ = Algorithm("awq", SAMPLES, RTN.quantize_weight, rescale_group=awq_scale_group)

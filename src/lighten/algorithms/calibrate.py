@@ -16,17 +16,14 @@ from transformers.pytorch_utils import Conv1D
 
 from lighten import formats
 from lighten.algorithms.activations import token_windows
-from lighten.algorithms.awq import awq_scale_group
-from lighten.algorithms.gptq import gptq_quantize_layer
-from lighten.algorithms.rtn import mse_clip_quantize
-from lighten.errors import LightenError
+from lighten.algorithms.awq import norms_to_fold
+from lighten.algorithms.registry import HESSIAN, Algorithm, get_algorithm
 from lighten.formats import QuantizedTensor
 from lighten.models import WeightReader
-from lighten.models.arch import Block, model_view, weight_out_in
-from lighten.progress import note, track
+from lighten.models.arch import Block, NormGroup, model_view, weight_out_in
+from lighten.progress import track
 from lighten.quantize import dequantize_weight, quantize_weights
 
-ALGORITHMS = ("rtn", "mse", "gptq", "awq")
 AWQ_SAMPLES = 4096  # input rows per norm group for AWQ's scale search
 
 
@@ -43,38 +40,46 @@ def calibrate_model(
     tokenizer,
     texts: list[str],
     plan: dict[str, str],
-    algorithm: str = "gptq",
+    algorithm: str | Algorithm = "gptq",
     n_tokens: int = 8192,
     context: int = 512,
     weights: WeightReader | None = None,
-    **options,
 ) -> dict[str, QuantizedTensor]:
-    """Quantize every planned weight ([out, in], like quantize_weights) with `algorithm`, calibrated on
-    the first `n_tokens` tokens of `texts` in windows of `context` (see token_windows). `options` go to
-    the algorithm: gptq_quantize_layer's block_size, damp, act_order; mse_clip_quantize's grid; AWQ's grid.
-    rtn and mse need no data but run the same loop. Planned weights outside the blocks (lm_head,
-    embeddings) get RTN.
+    """Quantize every planned weight ([out, in], like quantize_weights) with `algorithm` (a name in
+    lighten.algorithms.registry.ALGORITHMS, or an Algorithm), calibrated on the first `n_tokens` tokens of
+    `texts` in windows of `context` (see token_windows). Planned weights outside the blocks (lm_head,
+    embeddings) get RTN. An algorithm that collects nothing (rtn, mse) reads no text and runs no forward
+    pass: it quantizes each weight on its own.
 
     The model is modified in place: every planned weight ends up holding its dequantized value, and AWQ
     also folds its scales into the norms (the returned tensors quantize the folded weights). Deep-copy
     the model first to keep the original.
 
-    `weights` (a reader from lighten.models.open_weights, for a model that still equals its files) streams
-    the blocks: each block's tensors are read from the files when its turn comes, and its planned weights
-    are dropped (to the meta device) once it has made the next block's inputs, so that one block's weights
-    are in memory at a time instead of the whole model's. The returned tensors are then the only copy of
-    those weights."""
-    if algorithm not in ALGORITHMS:
-        raise LightenError(f"unknown calibration algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    `weights` (a reader from lighten.models.open_weights, for a model that still equals its files) reads
+    the weights from the files instead, and the returned tensors are then the only result. Calibration
+    streams the blocks: each block's tensors are read when its turn comes and its planned weights dropped
+    (to the meta device) once it has made the next block's inputs, so that one block's weights are in
+    memory at a time instead of the whole model's. An algorithm that collects nothing reads one weight at
+    a time and leaves the model as it was."""
+    if isinstance(algorithm, str):
+        algorithm = get_algorithm(algorithm)
     view = model_view(model)
-    if algorithm == "awq" and not view.pre_norm:
-        note(f"AWQ: {view.family} is post-norm, there is no norm to fold scales into; using plain RTN")
-        algorithm = "rtn"
+    if algorithm.rescale_group and not norms_to_fold(view, algorithm.name):
+        algorithm = get_algorithm("rtn")
+    in_blocks = tuple(f"{_layer(model, block)[0]}." for block in view.blocks)
+    rest = {name: spec for name, spec in plan.items() if not name.startswith(in_blocks)}
+    if not algorithm.needs_data:
+        blocks = {name: spec for name, spec in plan.items() if name not in rest}
+        quantized = quantize_weights(model, blocks, weights, algorithm.quantize_weight)
+        quantized |= quantize_weights(model, rest, weights)
+        if weights is None:
+            _write_back(model, quantized)
+        return {name: quantized[name] for name in plan}
     model.eval()
     windows = token_windows(tokenizer, texts, n_tokens, context)
     inputs = _block_inputs(model, _layer(model, view.blocks[0])[1], windows)
     quantized = {}
-    for block in track(view.blocks, f"{algorithm} calibration", total=len(view.blocks)):
+    for block in track(view.blocks, f"{algorithm.name} calibration", total=len(view.blocks)):
         prefix, layer = _layer(model, block)
         streamed = weights is not None and _read_block(layer, prefix, weights)
         linears = {
@@ -82,32 +87,33 @@ def calibrate_model(
             for n, m in layer.named_modules()
             if isinstance(m, (nn.Linear, Conv1D)) and f"{prefix}.{n}.weight" in plan
         }
-        hessians = _hessians(layer, inputs, linears) if algorithm == "gptq" else {}
-        if algorithm == "awq":
-            groups = (block.attn, block.mlp)
-            samples = _input_samples(layer, inputs, [next(iter(g.linears.values())) for g in groups])
-            for group, x in zip(groups, samples, strict=True):
-                awq_scale_group(group, x, plan, **options)
+        groups = (block.attn, block.mlp)
+        if algorithm.collects == HESSIAN:
+            stats = _hessians(layer, inputs, linears)
+        else:
+            stats = _input_samples(layer, inputs, groups)
+        if algorithm.rescale_group:
+            for group in groups:
+                algorithm.rescale_group(group, stats[group.name], plan)
         for name, linear in linears.items():
             w = weight_out_in(linear)
             fmt = formats.get(plan[f"{name}.weight"])
-            if algorithm == "gptq":
-                q = gptq_quantize_layer(w, hessians[name], fmt, **options)
-            elif algorithm == "mse":
-                q = mse_clip_quantize(w, fmt, **options)
-            else:
-                q = fmt.quantize(w.detach().float())
+            q = algorithm.quantize_weight(w.detach().float(), fmt, stats.get(name))
             quantized[f"{name}.weight"] = q
             w.copy_(q.dequantize())
         inputs = [(_run(layer, x, args, kwargs), args, kwargs) for x, args, kwargs in inputs]
         if streamed:
             for linear in linears.values():
                 linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=False)
-    rest = {name: spec for name, spec in plan.items() if name not in quantized}
-    for name, q in quantize_weights(model, rest).items():
-        model.get_parameter(name).copy_(dequantize_weight(model, name, q))
-        quantized[name] = q
+    quantized |= quantize_weights(model, rest)
+    _write_back(model, {name: quantized[name] for name in rest})
     return {name: quantized[name] for name in plan}
+
+
+def _write_back(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
+    """Put each weight's dequantized value in the model."""
+    for name, q in quantized.items():
+        model.get_parameter(name).copy_(dequantize_weight(model, name, q))
 
 
 def _layer(model: nn.Module, block: Block) -> tuple[str, nn.Module]:
@@ -179,16 +185,18 @@ def _hessians(layer: nn.Module, inputs: list, linears: dict[str, nn.Module]) -> 
     return {name: 2 * sums[name] / counts[name] for name in linears}
 
 
-def _input_samples(layer: nn.Module, inputs: list, modules: list[nn.Module]) -> list[torch.Tensor]:
-    """About AWQ_SAMPLES evenly spaced input rows of each module over all windows."""
+def _input_samples(layer: nn.Module, inputs: list, groups: tuple[NormGroup, ...]) -> dict[str, torch.Tensor]:
+    """About AWQ_SAMPLES evenly spaced rows of each norm group's output (its first reader's input) over all
+    windows, by group name."""
     every = math.ceil(sum(x.shape[:-1].numel() for x, _, _ in inputs) / AWQ_SAMPLES)
-    rows = {m: [] for m in modules}
+    readers = {group.name: next(iter(group.linears.values())) for group in groups}
+    rows = {m: [] for m in readers.values()}
 
     def hook(module, args):
         rows[module].append(args[0].reshape(-1, args[0].shape[-1])[::every].float())
 
-    _forward_with_hooks(layer, inputs, dict.fromkeys(modules, hook))
-    return [torch.cat(rows[m]) for m in modules]
+    _forward_with_hooks(layer, inputs, dict.fromkeys(rows, hook))
+    return {name: torch.cat(rows[m]) for name, m in readers.items()}
 
 
 def _forward_with_hooks(layer: nn.Module, inputs: list, hooks: dict) -> None:

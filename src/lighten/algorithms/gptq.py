@@ -10,9 +10,12 @@ of columns immediately, to the columns after the block once per block (one matmu
 
 import torch
 
-from lighten.algorithms.rtn import scale_buffers
+from lighten.algorithms.registry import HESSIAN, Algorithm
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
+from lighten.progress import note
+
+DAMP_RETRIES = 3  # a failed Cholesky factorization is retried with 10x, 100x, 1000x the damping
 
 
 def gptq_quantize_layer(
@@ -46,16 +49,11 @@ def gptq_quantize_layer(
     S = W.clone()
     group_scales = {}  # first column of a group -> its scale buffers
     if act_order:
-        group_scales = {c: scale_buffers(fmt.quantize(W[:, c : c + g])) for c in range(0, k, g)}
+        group_scales = {c: fmt.quantize(W[:, c : c + g]).scale_buffers() for c in range(0, k, g)}
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
 
-    # Dampening keeps H positive definite when X is rank-deficient (fewer tokens than inputs, copies).
-    H.diagonal().add_(damp * H.diagonal().mean())
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError as e:
-        raise LightenError(f"GPTQ: the input Hessian is not positive definite; raise damp ({damp})") from e
+    Hinv = _inverse_cholesky(H, damp)
 
     # Work on W^T so that a column is a contiguous row and each update is one rank-1 addr_.
     Wt = W.t().contiguous()
@@ -69,7 +67,7 @@ def gptq_quantize_layer(
             if not act_order and c % g == 0:
                 # Blocks never split a group (see _block_starts), so these columns are fully updated.
                 S[:, c : c + g] = Wt[c : c + g].t()
-                group_scales[c] = scale_buffers(fmt.quantize(S[:, c : c + g]))
+                group_scales[c] = fmt.quantize(S[:, c : c + g]).scale_buffers()
             U[i1 + i] = W1[i]
             q = fmt.quantize(W1[i, :, None], scales=group_scales[c - c % g]).dequantize()[:, 0]
             Err1[i] = (W1[i] - q) / Hinv1[i, i]
@@ -77,7 +75,26 @@ def gptq_quantize_layer(
         Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
 
     # Encoding is elementwise given the scales, so this returns exactly the codes rounded above.
-    return fmt.quantize(U.t()[:, torch.argsort(perm)], scales=scale_buffers(fmt.quantize(S)))
+    return fmt.quantize(U.t()[:, torch.argsort(perm)], scales=fmt.quantize(S).scale_buffers())
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + d I)^-1 with d = damp * mean(diag H), overwriting H. Dampening keeps
+    H positive definite when X is rank-deficient (fewer tokens than inputs, copies); where fp32 rounding
+    still breaks the factorization, d grows tenfold, up to DAMP_RETRIES times, rather than failing the job."""
+    mean, added = H.diagonal().mean(), 0.0
+    for attempt in range(DAMP_RETRIES + 1):
+        d = damp * 10**attempt
+        H.diagonal().add_((d - added) * mean)
+        added = d
+        try:
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+        if attempt:
+            note(f"GPTQ: the input Hessian was not positive definite with damp {damp}; used damp {d}")
+        return Hinv
+    raise LightenError(f"GPTQ: the input Hessian is not positive definite even with damp {d}")
 
 
 def _block_starts(k: int, g: int, block_size: int) -> list[int]:
@@ -86,3 +103,6 @@ def _block_starts(k: int, g: int, block_size: int) -> list[int]:
     if g <= block_size:
         return list(range(0, k, block_size // g * g))
     return [s + b for s in range(0, k, g) for b in range(0, min(g, k - s), block_size)]
+
+
+GPTQ = Algorithm("gptq", HESSIAN, lambda w, fmt, hessian: gptq_quantize_layer(w, hessian, fmt))

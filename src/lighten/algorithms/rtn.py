@@ -9,11 +9,11 @@ import math
 
 import torch
 
+from lighten.algorithms.registry import NOTHING, Algorithm
 from lighten.formats import Format, QuantizedTensor
 from lighten.formats.format import grouped
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # 1.0 first: a group keeps the plain RTN scale unless clipping helps
-scale_buffers = QuantizedTensor.scale_buffers  # every stored buffer of q but the codes (gptq uses it too)
 
 
 def clipped_quantize(w: torch.Tensor, fmt: Format, ratio: torch.Tensor) -> QuantizedTensor:
@@ -21,7 +21,7 @@ def clipped_quantize(w: torch.Tensor, fmt: Format, ratio: torch.Tensor) -> Quant
     the scale rule then sees ratio * absmax (or ratio * min and max), and the rest saturates."""
     rows, k, g, _ = fmt.geometry(tuple(w.shape))
     shrunk = w.reshape(rows, k) * ratio.repeat_interleave(g, 1)[:, :k]
-    return fmt.quantize(w, scales=scale_buffers(fmt.quantize(shrunk.reshape(w.shape))))
+    return fmt.quantize(w, scales=fmt.quantize(shrunk.reshape(w.shape)).scale_buffers())
 
 
 def group_sq_error(w: torch.Tensor, w_hat: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -45,3 +45,7 @@ def mse_clip_quantize(w: torch.Tensor, fmt: Format, grid: torch.Tensor = CLIP_GR
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, ratio, best)
     return clipped_quantize(w, fmt, best)
+
+
+RTN = Algorithm("rtn", NOTHING, lambda w, fmt, _: fmt.quantize(w))
+MSE = Algorithm("mse", NOTHING, lambda w, fmt, _: mse_clip_quantize(w, fmt))

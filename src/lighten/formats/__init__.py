@@ -54,6 +54,13 @@ row_align(shape) and row_slice(q, a, b) = q.rows(a, b), and q.scale_buffers() (w
 scales=...) takes).
 """
 
-from lighten.formats.format import Format, QuantizedTensor, get, list_formats
+import importlib
 
 __all__ = ["Format", "QuantizedTensor", "get", "list_formats"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that lighten.formats.spec (what recipes check specs with) imports without torch.
+    if name in __all__:
+        return getattr(importlib.import_module("lighten.formats.format"), name)
+    raise AttributeError(f"module 'lighten.formats' has no attribute {name!r}")

@@ -12,7 +12,6 @@ depends on the format's scale rule:
 """
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from lighten.errors import SpecError
 from lighten.formats import packing
 from lighten.formats.elements import BINARY, MINIFLOATS, NF4, TERNARY, Element, integer, unsigned
+from lighten.formats.spec import DEFAULTS, Spec, parse_spec
 
 INTS = {f"int{b}": integer(b) for b in range(2, 9)}
 UNSIGNED = {f"int{b}": unsigned(b) for b in range(2, 9)}
@@ -33,36 +33,12 @@ MX = {  # OCP Microscaling v1.0 element types
 }
 ELEMENTS = {**INTS, **MINIFLOATS, **MX, "nf4": NF4, "ternary": TERNARY, "binary": BINARY}
 
-# NAME -> default granularity. int8 and fp8 have enough levels for one scale per output
-# channel; narrower ints get the usual g128. fp6/fp4 get g32, the MX block size, so that e.g.
-# fp4_e2m1 vs mxfp4 isolates the scale format (fp16 absmax vs power of two).
-DEFAULTS = {
-    **{name: "channel" if name == "int8" else "g128" for name in INTS},
-    **{name: "channel" if name.startswith("fp8") else "g32" for name in MINIFLOATS},
-    **{name: "g32" for name in MX},  # fixed by the MX spec
-    "nf4": "g64",  # QLoRA's block size
-    "ternary": "tensor",  # BitNet b1.58: one absmean per weight matrix
-    "binary": "channel",
-}
-ALIASES = {"mxfp8": "mxfp8_e4m3"}
-GRAMMAR = "NAME[:tensor|:channel|:gN][:sym|:asym][:dq]"
 DQ_BLOCK = 256  # nf4:dq quantizes the absmaxes in blocks of 256, as QLoRA does
 FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
-class Format:
-    family: str  # NAME in the grammar, e.g. "int4", "mxfp4", "nf4"
-    granularity: str  # "tensor" | "channel" | "g<N>"
-    asym: bool = False
-    dq: bool = False
-
-    @property
-    def name(self) -> str:
-        """Canonical spec: get(fmt.name) == fmt."""
-        sym = (":asym" if self.asym else ":sym") if self.family in INTS else ""
-        return f"{self.family}:{self.granularity}{sym}{':dq' if self.dq else ''}"
-
+class Format(Spec):  # the spec's fields and canonical name, parsed by lighten.formats.spec
     @property
     def element(self) -> Element:
         return (UNSIGNED if self.asym else ELEMENTS)[self.family]
@@ -357,47 +333,9 @@ def grouped(v: torch.Tensor, g: int, groups: int) -> torch.Tensor:
     return torch.cat([v, v.new_zeros(v.shape[0], groups * g - v.shape[1])], 1).view(-1, groups, g)
 
 
-# ---- spec parsing ---------------------------------------------------------------------------
-
-
 def get(spec: str) -> Format:
     """Parse a spec string (grammar in lighten.formats) into a Format; SpecError if invalid."""
-    if not isinstance(spec, str):
-        raise SpecError(f"a format spec is a string like 'int4:g128', got {spec!r}")
-    name, *options = spec.strip().lower().split(":")
-    name = ALIASES.get(name, name)
-    if name not in DEFAULTS:
-        raise SpecError(
-            f"unknown format {name!r} in spec {spec!r}. Valid names: {', '.join(DEFAULTS)} "
-            f"(alias: mxfp8 = mxfp8_e4m3). Grammar: {GRAMMAR}"
-        )
-    granularity = sym = dq = None
-    for opt in options:
-        if opt in ("tensor", "channel") or opt.startswith("g"):
-            if opt.startswith("g") and not re.fullmatch(r"g[1-9][0-9]*", opt):
-                raise SpecError(f"group size in {spec!r} must be a positive integer, e.g. g128")
-            granularity = _once(granularity, opt, spec)
-        elif opt in ("sym", "asym"):
-            sym = _once(sym, opt, spec)
-        elif opt == "dq":
-            dq = _once(dq, opt, spec)
-        else:
-            raise SpecError(f"unknown option {opt!r} in {spec!r}. Grammar: {GRAMMAR}")
-    if name in MX and granularity not in (None, "g32"):
-        raise SpecError(f"{name} has fixed blocks of 32 (OCP MX); write {name!r}, not {spec!r}")
-    if sym is not None and name not in INTS:
-        raise SpecError(f"{spec!r}: :sym/:asym apply only to int2..int8 ({name} has a sign bit)")
-    if dq is not None and name != "nf4":
-        raise SpecError(f"{spec!r}: :dq (double quantization of the absmaxes) applies only to nf4")
-    return Format(name, granularity or DEFAULTS[name], asym=sym == "asym", dq=dq is not None)
-
-
-def _once(current, opt, spec):
-    if current is not None:
-        raise SpecError(
-            f"{spec!r} sets {current!r} and {opt!r}; give each kind of option once. Grammar: {GRAMMAR}"
-        )
-    return opt
+    return Format(**vars(parse_spec(spec)))
 
 
 def list_formats() -> list[Format]:

@@ -10,17 +10,7 @@ Two exact rewrites are functions only, not steps: smooth_values (value -> output
 one smoothing exact on post-LN BERT) and compress_rmsnorm (Pre-CRMSNorm, GPT-2; in memory only).
 """
 
-from collections.abc import Callable, Mapping
-from typing import Any
-
-from torch import nn
-
-from lighten.errors import LightenError
-from lighten.surgery.fold import fold_norm_affine, untie_lm_head
-from lighten.surgery.hadamard import Rotation, hadamard_matrix, random_rotation
-from lighten.surgery.rmsnorm import CRMSNorm, compress_rmsnorm, layernorm_to_rmsnorm
-from lighten.surgery.rotate import restore_input_rotations, rotate_residual_hadamard
-from lighten.surgery.smooth import outlier_suppression_plus, smooth_quant, smooth_values
+import importlib
 
 # In the only order they can be applied: smoothing leaves gains ≠ 1, which folding would undo and rotation
 # cannot pass through; rotation needs RMSNorm; RMSNorm needs folded norms.
@@ -32,56 +22,28 @@ SURGERY_STEPS = {
     "osplus": "Outlier Suppression+: per-channel shift (LayerNorm only) and scale of each norm's output",
 }
 
-Stats = Callable[[nn.Module], Mapping[str, Any]]  # module name -> record with .absmax, .min, .max
+# The rewrites, loaded on first use: recipes check step names against SURGERY_STEPS without importing torch.
+_EXPORTS = {
+    "apply_surgery": "apply",
+    "CRMSNorm": "rmsnorm",
+    "compress_rmsnorm": "rmsnorm",
+    "layernorm_to_rmsnorm": "rmsnorm",
+    "fold_norm_affine": "fold",
+    "untie_lm_head": "fold",
+    "Rotation": "hadamard",
+    "hadamard_matrix": "hadamard",
+    "random_rotation": "hadamard",
+    "restore_input_rotations": "rotate",
+    "rotate_residual_hadamard": "rotate",
+    "outlier_suppression_plus": "smooth",
+    "scale_norm_group": "smooth",
+    "smooth_quant": "smooth",
+    "smooth_values": "smooth",
+}
+__all__ = ["SURGERY_STEPS", *_EXPORTS]
 
 
-def apply_surgery(model: nn.Module, steps: list[str], stats: Stats | None = None) -> nn.Module:
-    """Apply `steps` (names of SURGERY_STEPS, in that order; at most one of smooth/osplus) in place.
-
-    `stats(model)` is called just before smoothing, on the model as the preceding steps left it (they change
-    the activations smoothing must see); it returns, per linear module name, a record with per-input-channel
-    .absmax, .min and .max, as lighten.algorithms.activations.collect_input_stats does.
-    """
-    order = list(SURGERY_STEPS)
-    unknown = [s for s in steps if s not in SURGERY_STEPS]
-    if unknown:
-        raise LightenError(f"unknown surgery step(s) {', '.join(unknown)}; known: {', '.join(order)}")
-    if [order.index(s) for s in steps] != sorted({order.index(s) for s in steps}):
-        raise LightenError(f"surgery steps must appear at most once each, in the order {', '.join(order)}")
-    if "smooth" in steps and "osplus" in steps:
-        raise LightenError("choose one of smooth and osplus: both rescale the same channels")
-    if ("smooth" in steps or "osplus" in steps) and stats is None:
-        raise LightenError("smooth/osplus need activation statistics from calibration text")
-    for step in steps:
-        if step == "fold":
-            fold_norm_affine(model)
-        elif step == "rmsnorm":
-            layernorm_to_rmsnorm(model)
-        elif step == "rotate":
-            rotate_residual_hadamard(model)
-        elif step == "smooth":
-            smooth_quant(model, {name: r.absmax for name, r in stats(model).items()})
-        else:
-            records = stats(model)
-            lo, hi = ({name: getattr(r, key) for name, r in records.items()} for key in ("min", "max"))
-            outlier_suppression_plus(model, lo, hi)
-    return model
-
-
-__all__ = [
-    "CRMSNorm",
-    "SURGERY_STEPS",
-    "Rotation",
-    "apply_surgery",
-    "compress_rmsnorm",
-    "restore_input_rotations",
-    "fold_norm_affine",
-    "hadamard_matrix",
-    "layernorm_to_rmsnorm",
-    "outlier_suppression_plus",
-    "random_rotation",
-    "rotate_residual_hadamard",
-    "smooth_quant",
-    "smooth_values",
-    "untie_lm_head",
-]
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"lighten.surgery.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'lighten.surgery' has no attribute {name!r}")

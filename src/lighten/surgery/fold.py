@@ -32,15 +32,21 @@ def fold_norm_affine(model: nn.Module) -> nn.Module:
     keeps its γ/β); no norm of a post-LN model (BERT) does, and this raises ModelError saying why, changing
     nothing.
     """
-    view = model_view(model)
-    if not view.pre_norm:
-        raise ModelError(f"cannot fold norms of {type(model).__name__}: {POST_NORM}.")
+    view = pre_norm_view(model, "fold norms of")
     untie_lm_head(model)
     with torch.no_grad():
         for group in norm_groups(view):
             if group.linears:
                 _fold(group)
     return model
+
+
+def pre_norm_view(model: nn.Module, action: str, advice: str = "") -> ModelView:
+    """The model's view; on a post-LN model, ModelError "cannot <action> <model class>" saying why."""
+    view = model_view(model)
+    if not view.pre_norm:
+        raise ModelError(f"cannot {action} {type(model).__name__}: {POST_NORM}. {advice}".rstrip())
+    return view
 
 
 def untie_lm_head(model: nn.Module) -> None:

@@ -13,16 +13,14 @@ from torch import nn
 
 from lighten.errors import ModelError
 from lighten.models.arch import model_view, norm_groups, weight_out_in
-from lighten.surgery.fold import POST_NORM, require_folded
+from lighten.surgery.fold import pre_norm_view, require_folded
 
 
 def layernorm_to_rmsnorm(model: nn.Module) -> nn.Module:
     """Center every writer of the residual stream (embeddings, attention and MLP output projections, incl.
     biases) and replace each LayerNorm by torch.nn.RMSNorm (same eps, weight 1). Needs folded norms
     (fold_norm_affine first): RMSNorm has no β to keep LayerNorm's."""
-    view = model_view(model)
-    if not view.pre_norm:
-        raise ModelError(f"cannot turn the LayerNorms of {type(model).__name__} into RMSNorm: {POST_NORM}.")
+    view = pre_norm_view(model, "replace by RMSNorm the LayerNorms of")
     norms = [g.norm for g in norm_groups(view)]
     if not all(isinstance(n, nn.LayerNorm) for n in norms):
         raise ModelError(f"{type(model).__name__} already uses RMSNorm; there is no LayerNorm to replace")

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from lighten.errors import ModelError
-from lighten.models.arch import model_view, norm_groups, value_proj, weight_out_in
-from lighten.surgery.fold import POST_NORM, require_folded
+from lighten.models.arch import norm_groups, value_proj, weight_out_in
+from lighten.surgery.fold import pre_norm_view, require_folded
 from lighten.surgery.hadamard import Rotation, random_rotation
 
 
@@ -29,9 +29,7 @@ def rotate_residual_hadamard(model: nn.Module, seed: int = 0, online: bool = Tru
     projection's input by an online Hadamard (module.input_hadamard, run by a forward pre-hook), with
     `heads`, each attention head's values. Needs an RMSNorm model (Llama family, or GPT-2 after
     layernorm_to_rmsnorm) with folded norms (fold_norm_affine first). Exact up to float rounding."""
-    view = model_view(model)
-    if not view.pre_norm:
-        raise ModelError(f"cannot rotate {type(model).__name__}: {POST_NORM}.")
+    view = pre_norm_view(model, "rotate")
     if any(isinstance(g.norm, nn.LayerNorm) for g in norm_groups(view)):
         raise ModelError(
             "rotation needs RMSNorm: LayerNorm subtracts the mean of the channels, which a rotation does "

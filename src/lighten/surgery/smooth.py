@@ -23,13 +23,14 @@ from torch import Tensor, nn
 
 from lighten.errors import ModelError
 from lighten.models.arch import NormGroup, model_view, value_proj, weight_out_in
-from lighten.surgery.fold import POST_NORM
+from lighten.surgery.fold import pre_norm_view
 
 
 def smooth_quant(model: nn.Module, act_absmax: dict[str, Tensor], alpha: float = 0.5) -> nn.Module:
     """SmoothQuant every block's norm groups; `act_absmax[linear name]` = max |input| per input channel."""
     for group in _block_groups(model, "smooth_quant"):
-        _scale(group, _smoothing_scales(_stat(act_absmax, group, torch.amax), _column_absmax(group), alpha))
+        s = _smoothing_scales(_stat(act_absmax, group, torch.amax), _column_absmax(group), alpha)
+        scale_norm_group(group, s)
     return model
 
 
@@ -46,7 +47,7 @@ def outlier_suppression_plus(
             z = (hi + lo) / 2
             _shift(group, z)
             lo, hi = lo - z, hi - z
-        _scale(group, _smoothing_scales(torch.maximum(hi, -lo), _column_absmax(group), alpha))
+        scale_norm_group(group, _smoothing_scales(torch.maximum(hi, -lo), _column_absmax(group), alpha))
     return model
 
 
@@ -79,12 +80,12 @@ def smooth_values(model: nn.Module, act_absmax: dict[str, Tensor], alpha: float 
 
 
 def _block_groups(model: nn.Module, rewrite: str) -> list[NormGroup]:
-    view = model_view(model)
-    if not view.pre_norm:
-        raise ModelError(
-            f"cannot apply {rewrite} to {type(model).__name__}: {POST_NORM}. What can be smoothed exactly "
-            "there is each attention's value -> output projection pair: smooth_values(model, act_absmax)"
-        )
+    view = pre_norm_view(
+        model,
+        f"apply {rewrite} to",
+        "What can be smoothed exactly there is each attention's value -> output projection pair: "
+        "smooth_values(model, act_absmax)",
+    )
     return [g for b in view.blocks for g in (b.attn, b.mlp)]
 
 
@@ -116,7 +117,10 @@ def _smoothing_scales(absmax: Tensor, w: Tensor, alpha: float) -> Tensor:
 
 
 @torch.no_grad()
-def _scale(group: NormGroup, s: Tensor) -> None:
+def scale_norm_group(group: NormGroup, s: Tensor) -> None:
+    """Divide the norm's output channel j by s_j (γ and β) and multiply input column j of each reader by
+    s_j: exact in a pre-norm group, whose norm output only its readers see. Computed in fp32, rounded once
+    to each parameter's dtype. SmoothQuant, OS+ and AWQ fold their scales with this."""
     s = s.to(group.norm.weight.device)
     group.norm.weight.copy_(group.norm.weight.float() / s)
     if getattr(group.norm, "bias", None) is not None:

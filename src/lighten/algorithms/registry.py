@@ -1,0 +1,51 @@
+"""Weight quantization algorithms by name: what each collects from calibration, and how it quantizes.
+
+Each algorithm is an Algorithm declared next to its maths (rtn.py, gptq.py, awq.py). ALGORITHMS says where;
+this module imports none of them, so that recipes can check an algorithm's name without loading torch.
+Options other than the defaults make another Algorithm, which calibrate_model takes as well:
+
+    act_order = dataclasses.replace(
+        GPTQ, quantize_weight=lambda w, fmt, hessian: gptq_quantize_layer(w, hessian, fmt, act_order=True)
+    )
+"""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lighten.errors import LightenError
+
+# What the block loop (lighten.algorithms.calibrate) gathers for an algorithm from each block's inputs.
+NOTHING = "nothing"
+HESSIAN = "hessian"  # per planned linear: H = 2 XᵀX / n of its inputs X
+SAMPLES = "samples"  # per norm group: evenly spaced rows of the input its readers share
+
+ALGORITHMS = {
+    "rtn": "lighten.algorithms.rtn:RTN",
+    "mse": "lighten.algorithms.rtn:MSE",
+    "gptq": "lighten.algorithms.gptq:GPTQ",
+    "awq": "lighten.algorithms.awq:AWQ",
+}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    collects: str  # NOTHING, HESSIAN or SAMPLES
+    # (w [out, in] fp32, format, this weight's HESSIAN or None) -> QuantizedTensor
+    quantize_weight: Callable
+    # (norm group, its SAMPLES, plan): rescales the group in place before its weights are quantized (AWQ)
+    rescale_group: Callable | None = None
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether it reads calibration text; the others run no forward pass at all."""
+        return self.collects != NOTHING
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The algorithm registered as `name`; LightenError listing the known ones."""
+    if name not in ALGORITHMS:
+        raise LightenError(f"unknown algorithm {name!r}: use one of {', '.join(ALGORITHMS)}")
+    module, attribute = ALGORITHMS[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
