@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lighten import formats
-from lighten.algorithms.rtn import clipped_quantize, group_sq_error, mse_clip_quantize, scale_buffers
+from lighten.algorithms.rtn import clipped_quantize, group_sq_error, mse_clip_quantize
 from lighten.errors import SpecError
 from lighten.formats import QuantizedTensor
 
@@ -19,17 +19,17 @@ def _weights(seed=0, shape=(16, 100)):
 def test_own_scales_reproduce_quantize(fmt):
     w = _weights()
     q = fmt.quantize(w)
-    again = fmt.quantize(w, scales=scale_buffers(q))
+    again = fmt.quantize(w, scales=q.scale_buffers())
     assert all(torch.equal(again.tensors[n], t) for n, t in q.tensors.items())
 
 
 def test_scales_override_saturates_and_checks_layout():
     fmt, w = formats.get("int4:channel"), _weights()
     half = w.abs().amax(1, keepdim=True) / 2
-    q = fmt.quantize(w, scales=scale_buffers(fmt.quantize(w / 2)))  # half the scale: the top half clips
+    q = fmt.quantize(w, scales=fmt.quantize(w / 2).scale_buffers())  # half the scale: the top half clips
     assert (q.dequantize() - w.clamp(-half, half)).abs().max() <= half.max() / 7 / 2 * 1.002
     with pytest.raises(SpecError, match="scales"):
-        fmt.quantize(w, scales=scale_buffers(fmt.quantize(w[:8])))
+        fmt.quantize(w, scales=fmt.quantize(w[:8]).scale_buffers())
 
 
 @pytest.mark.parametrize("spec", SPECS)
