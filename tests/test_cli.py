@@ -25,6 +25,20 @@ def assert_user_error(result, *phrases):
         assert phrase in result.stderr
 
 
+def assert_refused(result, *phrases):
+    """A user mistake reported as exactly one `error:` line (however long), naming `phrases`."""
+    assert_user_error(result)
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.stderr.count("error:") == 1
+    for phrase in phrases:
+        assert phrase in line, line
+
+
+def snapshot(folder):
+    """Every path under `folder` with its bytes (None for a directory), to show nothing changed."""
+    return {p: None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
 def test_formats_json_lists_the_zoo():
     result = lighten("formats", "--json")
     assert result.returncode == 0, result.stderr
@@ -118,6 +132,14 @@ def test_inspect_writes_json_and_plot(tmp_path):
     report = json.loads(result.stdout)
     assert report["family"] == "gpt2" and len(report["sites"]) == 2 * 4 + 1
     assert png.read_bytes().startswith(b"\x89PNG")
+    again = ("inspect", src, "--text", text, "--tokens", 128, "--plot", png)
+    assert_refused(lighten(*again), str(png), "--force")
+    assert lighten(*again, "--force").returncode == 0  # lighten's own plot: replaced
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png.read_bytes().replace(b"lighten", b"someone"))  # a PNG lighten did not write
+    before = snapshot(tmp_path)
+    assert_refused(lighten(*again[:-1], photo, "--force"), "not written by lighten")
+    assert snapshot(tmp_path) == before
 
 
 def test_quantize_with_gptq_and_with_a_budget(tmp_path):
@@ -183,3 +205,53 @@ def test_export_targets_and_refusals(tmp_path):
     # The tiny tokenizer is word-level; GGUF export supports byte-level BPE tokenizers only.
     assert_user_error(lighten("export", tmp_path / "q", "--to", "gguf", "-o", tmp_path / "m.gguf"))
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_force_replaces_only_what_lighten_wrote(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    assert lighten("quantize", src, "-f", "int8", "-o", tmp_path / "q").returncode == 0
+    assert lighten("quantize", src, "-f", "int4:g32", "-o", tmp_path / "q", "--force").returncode == 0
+    assert json.loads((tmp_path / "q" / "lighten.json").read_text())["tensors"]  # replaced, whole
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "notes.gguf").write_text("mine")
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "results.md").write_text("mine")
+    before = snapshot(tmp_path)
+    for args in (
+        ["quantize", src, "-f", "int8", "-o", tmp_path / "mine", "--force"],
+        ["export", tmp_path / "q", "--to", "compressed-tensors", "-o", tmp_path / "mine", "--force"],
+        ["export", tmp_path / "q", "--to", "gguf", "-o", tmp_path / "notes.gguf", "--force"],
+        ["demo", "-o", tmp_path / "demo"],  # a rerun replaces only what an earlier demo wrote
+    ):
+        assert_refused(lighten(*args), "not written by lighten", "delete it yourself")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_output_that_is_or_holds_the_input_is_refused(tmp_path):
+    src = save_tiny("llama", tmp_path / "models" / "src")
+    assert lighten("quantize", src, "-f", "int8", "-o", tmp_path / "q").returncode == 0
+    (tmp_path / "link").symlink_to(src)
+    before = snapshot(tmp_path)
+    for args in (
+        ["quantize", src, "-f", "int8", "-o", src, "--force"],
+        ["quantize", "src", "-f", "int8", "-o", ".", "--force"],  # relative, from inside models/
+        ["quantize", src, "-f", "int8", "-o", tmp_path / "link", "--force"],
+        ["export", tmp_path / "q", "--to", "compressed-tensors", "-o", tmp_path / "q", "--force"],
+        ["export", tmp_path / "q", "--to", "gguf", "-o", tmp_path, "--force"],
+    ):
+        assert_refused(lighten(*args, cwd=tmp_path / "models"), "input", "another output path")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_unwritable_output_fails_at_once(tmp_path):
+    src = save_tiny("llama", tmp_path / "src")
+    (tmp_path / "file").write_text("x")
+    before = snapshot(tmp_path)
+    for args in (
+        ["quantize", src, "-f", "int8", "-o", tmp_path / "file" / "q"],
+        ["export", src, "--to", "gguf", "-o", tmp_path / "file" / "m.gguf"],
+        ["inspect", src, "--plot", tmp_path / "file" / "p.png"],
+    ):
+        assert_refused(lighten(*args), "not a directory")
+    assert snapshot(tmp_path) == before

@@ -96,7 +96,7 @@ def save_checkpoint(
         "allocation": allocation,
         "tensors": manifest_tensors,
     }
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, inputs=[source_dir]) as tmp:
         for f in Path(source_dir).iterdir():
             if f.is_file() and f.suffix in SIDECAR_SUFFIXES and f.name != MANIFEST and "index" not in f.name:
                 shutil.copy2(f, tmp / f.name)

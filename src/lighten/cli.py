@@ -27,7 +27,7 @@ app = typer.Typer(
 out = Console()
 if not out.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
     out = Console(width=160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
 
 
 class Interrupted(BaseException):
@@ -52,12 +52,12 @@ def main() -> None:
         _fail(str(e))
     except Interrupted:
         # Outputs are built in temp files and renamed into place only when complete: nothing half-written.
-        err.print("interrupted: no output was written or changed", soft_wrap=True)
+        err.print("interrupted: no output was written or changed")
         sys.exit(130)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
     sys.exit(2)
 
 
@@ -117,17 +117,21 @@ def inspect(
         Path | None, typer.Option(help="Write a PNG of per-layer outlier magnitude here.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace the --plot PNG if lighten wrote it.")] = False,
 ):
     """Where the model's outliers are and why: per layer activation/weight outliers, norm gains, RTN error."""
+    from lighten.atomic import check_output
     from lighten.checkpoint import load
     from lighten.eval import read_text_file
-    from lighten.inspect import inspect_model, inspect_table, plot_outliers
+    from lighten.inspect import inspect_model, inspect_table, is_lighten_png, plot_outliers
 
+    if plot is not None:
+        check_output(plot, force, is_ours=is_lighten_png)
     texts = [read_text_file(text)] if text is not None else None
     loaded, tokenizer = load(model)
     report = inspect_model(loaded, tokenizer, texts, n_tokens=tokens)
     if plot is not None:
-        plot_outliers(report, plot)
+        plot_outliers(report, plot, force)
     if as_json:
         return _print_json(report)
     _print_table(
@@ -161,7 +165,7 @@ def quantize(
     embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
     calibration_tokens: Annotated[int | None, typer.Option(help="Calibration tokens (default 512).")] = None,
     recipe: Annotated[str | None, typer.Option(help="A recipe YAML file or shipped recipe name.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
     """Quantize and save packed codes + scales: a recipe, or a format (+ algorithm, surgery, budget)."""
     from lighten.pipeline import quantize_to_dir
@@ -275,7 +279,7 @@ def export(
         str | None,
         typer.Option(help="GGUF: llama.cpp's pre-tokenizer name, for a tokenizer it does not recognise."),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
     """Export for llama.cpp (GGUF, Llama/Qwen2) or vLLM (compressed-tensors, int4/int8 checkpoints)."""
     from lighten.pipeline import export_model
@@ -290,22 +294,25 @@ def demo(
     ),
     tokens: Annotated[int, typer.Option(help="Tokens of Wikipedia text for perplexity / KL.")] = 4096,
 ):
-    """Quantize both built-in models to six formats and compare each with its original."""
-    from lighten.atomic import atomic_file
+    """Quantize both built-in models to six formats and compare each with its original; a rerun replaces
+    what an earlier demo wrote into OUTPUT."""
+    from lighten.atomic import atomic_file, check_output, in_lighten_dir
     from lighten.eval.table import markdown, report_table
     from lighten.pipeline import run_demo
 
+    results = output / "results.md", output / "results.json"
+    for path in results:
+        check_output(path, force=True, is_ours=in_lighten_dir)
     reports = run_demo(output, n_tokens=tokens)
     md = []
     for report in reports:
         title = f"{report['reference']['name']} ({report['kind']}, {_describe_data(report['data'])})"
         _print_table(title, *report_table(report))
         md.append(f"**{title}**\n\n" + markdown(*report_table(report)))
-    with atomic_file(output / "results.md", force=True) as tmp:
-        tmp.write_text("\n".join(md))
-    with atomic_file(output / "results.json", force=True) as tmp:
-        tmp.write_text(json.dumps(reports, indent=2))
-    out.print(f"results in {output / 'results.md'} and {output / 'results.json'}")
+    for path, text in zip(results, ["\n".join(md), json.dumps(reports, indent=2)], strict=True):
+        with atomic_file(path, force=True, is_ours=in_lighten_dir) as tmp:
+            tmp.write_text(text)
+    out.print(f"results in {results[0]} and {results[1]}")
 
 
 def _describe_data(data: dict) -> str:

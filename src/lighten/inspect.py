@@ -13,11 +13,14 @@ nearest error of each, and at norm sites the norm's gains γ and its input (the 
 whether an outlier channel is made by a large γ or carried in by the residual stream.
 """
 
+import struct
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lighten import __version__
 from lighten.algorithms.activations import OUTLIER_THRESHOLD, InputStats, collect_input_stats
 from lighten.atomic import atomic_file
 from lighten.eval import wiki_texts
@@ -228,7 +231,7 @@ def _g(v: float) -> str:
     return f"{v:.3g}"
 
 
-def plot_outliers(report: dict, png_path) -> None:
+def plot_outliers(report: dict, png_path, force: bool = False) -> None:
     """Per-block input absmax and max/median channel ratio of each site kind (log scale), as a PNG."""
     # A bare Figure renders with Agg and leaves pyplot's global state (and any user backend) alone.
     # Imported here: matplotlib costs a second of import time that only this function needs.
@@ -253,5 +256,31 @@ def plot_outliers(report: dict, png_path) -> None:
     absmax.set(yscale="log", ylabel="absmax", title=title)
     ratio.set(yscale="log", ylabel="max / median channel absmax", xlabel="block")
     absmax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
-    with atomic_file(png_path, force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_file(png_path, force, is_ours=is_lighten_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": SOFTWARE})
+
+
+SOFTWARE = f"lighten {__version__}"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_lighten_png(path: Path) -> bool:
+    """Whether `path` is a PNG that plot_outliers wrote (its Software text chunk), the only kind `--force`
+    replaces."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return False
+            # Chunks: 4-byte length, 4-byte type, data, 4-byte CRC; tEXt data is keyword NUL text.
+            while header := f.read(8):
+                length, kind = struct.unpack(">I4s", header)
+                if kind == b"tEXt":
+                    keyword, _, text = f.read(length).partition(b"\0")
+                    if keyword == b"Software" and text.startswith(b"lighten "):
+                        return True
+                    f.seek(4, 1)
+                else:
+                    f.seek(length + 4, 1)
+    except (OSError, struct.error):
+        return False
+    return False

@@ -10,6 +10,7 @@ import torch
 from lighten.algorithms.activations import collect_input_stats
 from lighten.algorithms.calibrate import calibrate_model
 from lighten.algorithms.registry import get_algorithm
+from lighten.atomic import check_output, make_output_dir
 from lighten.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.errors import LightenError, ModelError
 from lighten.eval.compare import evaluate
@@ -36,6 +37,7 @@ def quantize_to_dir(
     algorithm. Calibration text is the calibration split of the Wikipedia summaries. A `loaded` (model,
     tokenizer) is left unmodified. Returns the checkpoint directory; a budget's allocation table is in its
     manifest (read_manifest(path)["allocation"])."""
+    check_output(out_dir, force, inputs=[resolve(model_name)])  # fail now, not after the calibration
     if isinstance(recipe, str):
         recipe = recipe_from_options(recipe)
     algorithm = get_algorithm(recipe.algorithm)
@@ -91,14 +93,20 @@ def run_demo(
     n_tokens: int = 4096,
     context: int = 512,
 ) -> list[dict]:
-    """Quantize each built-in model to each format, then evaluate all of them against the original."""
+    """Quantize each built-in model to each format, then evaluate all of them against the original.
+
+    A rerun replaces what an earlier demo wrote into `out_dir`, and nothing else."""
+    out = Path(out_dir)
+    targets = {name: [out / f"{name}-{spec.replace(':', '-')}" for spec in specs] for name in models}
+    for path in (path for paths in targets.values() for path in paths):
+        check_output(path, force=True)
+    make_output_dir(out, inputs=[resolve(name) for name in models])
     reports = []
     for name in models:
         loaded = load_model(name)
-        out = Path(out_dir)
         paths = [
-            quantize_to_dir(name, spec, out / f"{name}-{spec.replace(':', '-')}", force=True, loaded=loaded)
-            for spec in specs
+            quantize_to_dir(name, spec, path, force=True, loaded=loaded)
+            for spec, path in zip(specs, targets[name], strict=True)
         ]
         reports.append(
             evaluate(paths, reference=name, n_tokens=n_tokens, context=context, loaded={name: loaded})

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny
 
 from lighten import formats
+from lighten.atomic import MARKER
 from lighten.checkpoint import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
 from lighten.errors import LightenError, ModelError
 from lighten.export.compressed_tensors import export_compressed_tensors
@@ -110,7 +111,8 @@ def test_config_and_files(tmp_path, llama):
     assert scheme.targets == ["Linear"] and scheme.input_activations is None
     w = scheme.weights
     assert (w.num_bits, w.type, w.symmetric, w.strategy, w.group_size) == (4, "int", False, "group", 32)
-    assert {p.name for p in out.iterdir()} == {p.name for p in src.iterdir()}  # config, weights, tokenizer
+    # config, weights, tokenizer, and the marker by which --force knows lighten wrote it
+    assert {p.name for p in out.iterdir()} == {p.name for p in src.iterdir()} | {MARKER}
     assert not (out / MANIFEST).exists()
 
 

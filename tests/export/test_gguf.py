@@ -18,7 +18,13 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from lighten.export.gguf import export_gguf, export_gguf_from, gguf_tensor_name, permute_rope  # noqa: E402
+from lighten.export.gguf import (  # noqa: E402
+    export_gguf,
+    export_gguf_from,
+    gguf_tensor_name,
+    is_lighten_gguf,
+    permute_rope,
+)
 from lighten.export.kquants import pack_q4_k, pack_q6_k, quantize_q4_k, quantize_q6_k  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -286,7 +292,7 @@ def test_user_mistakes_raise_and_leave_no_file(tmp_path):
     with pytest.raises(LightenError, match="GPT2LMHeadModel"):
         export_gguf(tiny_model("gpt2"), bpe, out, "Q8_0")
     # Tokenizer problems surface half-way through writing: the temp file must go too.
-    with pytest.raises(LightenError, match="pre_tokenizer="):
+    with pytest.raises(LightenError, match="--pre-tokenizer"):
         export_gguf(tiny("llama"), bpe, out, "Q8_0")
     with pytest.raises(LightenError, match="BPE"):
         export_gguf(tiny_model("llama"), tiny_tokenizer(), out, "Q8_0", pre_tokenizer="gpt-2")
@@ -297,9 +303,14 @@ def test_user_mistakes_raise_and_leave_no_file(tmp_path):
     out.write_bytes(b"precious")
     with pytest.raises(LightenError, match="--force"):
         export_gguf(tiny("llama"), bpe, out, "Q8_0", pre_tokenizer="gpt-2")
+    with pytest.raises(LightenError, match="not written by lighten"):  # --force replaces only lighten's
+        export_gguf(tiny("llama"), bpe, out, "Q8_0", pre_tokenizer="gpt-2", force=True)
     assert out.read_bytes() == b"precious"
-    export_gguf(tiny("llama"), bpe, out, "Q8_0", pre_tokenizer="gpt-2", force=True)
-    assert out.read_bytes()[:4] == b"GGUF"
+    out.unlink()
+    export_gguf(tiny("llama"), bpe, out, "Q8_0", pre_tokenizer="gpt-2")
+    assert is_lighten_gguf(out)
+    export_gguf(tiny("llama"), bpe, out, "F16", pre_tokenizer="gpt-2", force=True)
+    assert any(t.tensor_type == T.F16 for t in gguf.GGUFReader(out).tensors)  # the new one
 
 
 def test_export_from_a_model_directory(tmp_path):

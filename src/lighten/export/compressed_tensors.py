@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lighten import formats
-from lighten.atomic import atomic_dir
+from lighten.atomic import atomic_dir, check_output
 from lighten.checkpoint import (
     MANIFEST,
     ONLINE_ROTATION,
@@ -53,6 +53,7 @@ def export_compressed_tensors(checkpoint_dir: str | Path, out_dir: str | Path, f
         )
     if importlib.util.find_spec("compressed_tensors") is None:
         raise LightenError("exporting to compressed-tensors needs it: run `pip install compressed-tensors`")
+    check_output(out_dir, force, inputs=[checkpoint_dir])
     manifest = read_manifest(checkpoint_dir)
     for name, info in manifest["tensors"].items():
         _check_exportable(name, info["spec"], info["shape"])
@@ -72,7 +73,7 @@ def export_compressed_tensors(checkpoint_dir: str | Path, out_dir: str | Path, f
 
     config = json.loads((checkpoint_dir / CONFIG).read_text())
     config["quantization_config"] = _quantization_config(weight_args, sorted(linears - weight_args.keys()))
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, inputs=[checkpoint_dir]) as tmp:
         for f in checkpoint_dir.iterdir():
             if f.is_file() and f.name not in (MANIFEST, WEIGHTS, CONFIG):
                 shutil.copy2(f, tmp / f.name)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lighten.atomic import atomic_file
+from lighten.atomic import atomic_file, check_output
 from lighten.errors import LightenError
 
 # The gguf package is an optional extra (lighten[models]); importing it here keeps the error at one place.
@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from lighten.export.kquants import quantize_q4_k, quantize_q6_k
 
+QUANTIZED_BY = "lighten"  # general.quantized_by: how `--force` recognises a GGUF lighten wrote
 QTYPES = {
     "F16": (T.F16, gguf.LlamaFileType.MOSTLY_F16),
     "Q8_0": (T.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
@@ -93,8 +94,11 @@ def export_gguf_from(
     force: bool = False,
 ) -> Path:
     """export_gguf for a built-in name, a Hugging Face directory or a lighten checkpoint (dequantized)."""
-    from lighten.checkpoint import load
+    from lighten.checkpoint import is_checkpoint, load
+    from lighten.models import resolve
 
+    source = name_or_path if is_checkpoint(name_or_path) else resolve(name_or_path)
+    check_output(out_file, force, inputs=[source], is_ours=is_lighten_gguf)  # before loading, not after
     model, tokenizer = load(name_or_path)
     name = Path(str(name_or_path)).name
     return export_gguf(model, tokenizer, out_file, qtype, name, pre_tokenizer, force)
@@ -115,6 +119,7 @@ def export_gguf(
     `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer it does not recognise by hash (e.g.
     "gpt-2" for a plain GPT-2 style byte-level BPE); by default it is detected as llama.cpp's converter
     detects it."""
+    check_output(out_file, force, is_ours=is_lighten_gguf)
     if qtype not in QTYPES:
         raise LightenError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
     cls = type(model).__name__
@@ -130,10 +135,11 @@ def export_gguf(
     # Tied models get no "output": llama.cpp then multiplies by token_embd, which so is the output matrix.
     output = "token_embd.weight" if tied else "output.weight"
     writer_name = name or Path(str(getattr(config, "name_or_path", "") or "model")).name
-    with atomic_file(out_file, force) as tmp:
+    with atomic_file(out_file, force, is_ours=is_lighten_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type("model")
         writer.add_name(writer_name)
+        writer.add_quantized_by(QUANTIZED_BY)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hparams(writer, config)
@@ -146,6 +152,15 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return Path(out_file)
+
+
+def is_lighten_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file that lighten wrote, the only kind `--force` replaces."""
+    try:
+        field = gguf.GGUFReader(path).get_field(gguf.Keys.General.QUANTIZED_BY)
+    except Exception:  # not a GGUF file (or a directory, or truncated): then it is not lighten's either
+        return False
+    return field is not None and field.contents() == QUANTIZED_BY
 
 
 def _gguf_tensors(model, permute: bool, tied: bool):
