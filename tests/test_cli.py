@@ -1,37 +1,10 @@
 """The command line as a user meets it: real subprocesses, exit codes, no tracebacks."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from cli_helpers import assert_refused, lighten
 from tiny_models import sample_text, save_tiny
-
-
-def lighten(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "lighten", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
-def assert_user_error(result, *phrases):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for phrase in phrases:
-        assert phrase in result.stderr
-
-
-def assert_refused(result, *phrases):
-    """A user mistake reported as exactly one `error:` line (however long), naming `phrases`."""
-    assert_user_error(result)
-    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert result.stderr.count("error:") == 1
-    for phrase in phrases:
-        assert phrase in line, line
 
 
 def snapshot(folder):
@@ -72,15 +45,15 @@ def test_formats_json_lists_the_zoo():
     ],
 )
 def test_user_mistakes_exit_2_with_one_message(args, phrases):
-    assert_user_error(lighten(*args), *phrases)
+    assert_refused(lighten(*args), *phrases)
 
 
 def test_bad_format_spec_and_existing_output(tmp_path):
     src = save_tiny("llama", tmp_path / "src")
-    assert_user_error(lighten("quantize", src, "-f", "int4:g0", "-o", tmp_path / "q"), "int4:g0")
+    assert_refused(lighten("quantize", src, "-f", "int4:g0", "-o", tmp_path / "q"), "int4:g0")
     assert not (tmp_path / "q").exists()
     (tmp_path / "q").mkdir()
-    assert_user_error(lighten("quantize", src, "-f", "int4:g32", "-o", tmp_path / "q"), "--force")
+    assert_refused(lighten("quantize", src, "-f", "int4:g32", "-o", tmp_path / "q"), "--force")
 
 
 def test_quantize_then_eval_a_causal_model(tmp_path):
@@ -178,17 +151,17 @@ def test_quantize_with_gptq_and_with_a_budget(tmp_path):
     assert len(manifest["allocation"]) == len(manifest["tensors"])
     assert manifest["recipe"]["budget"]["size"] == "6.0bits"
     twice = ("--bits", 6, "--budget", "1MB", "--candidates", "int4:g32,int8", "-o", tmp_path / "twice")
-    assert_user_error(lighten("quantize", src, "-f", "int4:g32", *twice), "--bits")
+    assert_refused(lighten("quantize", src, "-f", "int4:g32", *twice), "--bits")
 
 
 def test_recipe_and_its_conflicts(tmp_path):
     src = save_tiny("llama", tmp_path / "src")
     result = lighten("quantize", src, "--recipe", "int8-weights", "-o", tmp_path / "q")
     assert result.returncode == 0, result.stderr
-    assert_user_error(
+    assert_refused(
         lighten("quantize", src, "--recipe", "int8-weights", "-f", "int4", "-o", tmp_path / "r"), "--recipe"
     )
-    assert_user_error(lighten("quantize", src, "-o", tmp_path / "r"), "--format")
+    assert_refused(lighten("quantize", src, "-o", tmp_path / "r"), "--format")
 
 
 def test_export_targets_and_refusals(tmp_path):
@@ -198,12 +171,12 @@ def test_export_targets_and_refusals(tmp_path):
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert_user_error(
+    assert_refused(
         lighten("export", tmp_path / "q", "--to", "compressed-tensors", "-o", tmp_path / "ct"), "--force"
     )
-    assert_user_error(lighten("export", tmp_path / "q", "--to", "onnx", "-o", tmp_path / "x"), "gguf")
+    assert_refused(lighten("export", tmp_path / "q", "--to", "onnx", "-o", tmp_path / "x"), "gguf")
     # The tiny tokenizer is word-level; GGUF export supports byte-level BPE tokenizers only.
-    assert_user_error(lighten("export", tmp_path / "q", "--to", "gguf", "-o", tmp_path / "m.gguf"))
+    assert_refused(lighten("export", tmp_path / "q", "--to", "gguf", "-o", tmp_path / "m.gguf"))
     assert not (tmp_path / "m.gguf").exists()
 
 

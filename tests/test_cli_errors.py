@@ -6,27 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import assert_refused, lighten
 from tiny_models import save_tiny
-
-
-def lighten(*args, cwd=None, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "lighten", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
-
-
-def assert_one_error_line(result, *phrases):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for phrase in phrases:
-        assert phrase in lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +27,7 @@ def tiny(tmp_path_factory):
     ],
 )
 def test_usage_errors_are_one_line_not_a_panel(args, phrase):
-    assert_one_error_line(lighten(*args), phrase, "--help")
+    assert_refused(lighten(*args), phrase, "--help")
 
 
 def test_a_long_error_is_not_wrapped_at_80_columns(tmp_path):
@@ -54,7 +35,7 @@ def test_a_long_error_is_not_wrapped_at_80_columns(tmp_path):
     result = lighten(
         "quantize", "minilm", "-f", spec, "-o", tmp_path / "q", env=os.environ | {"COLUMNS": "80"}
     )
-    assert_one_error_line(result, spec)
+    assert_refused(result, spec)
 
 
 def test_no_arguments_prints_the_help():
@@ -64,12 +45,12 @@ def test_no_arguments_prints_the_help():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_run_refuses_an_empty_prompt(tiny, family):
-    assert_one_error_line(lighten("run", tiny[family], "-p", "the model", "-p", "  "), "prompt 2 is empty")
+    assert_refused(lighten("run", tiny[family], "-p", "the model", "-p", "  "), "prompt 2 is empty")
 
 
 @pytest.mark.parametrize("n", [0, -1])
 def test_run_refuses_fewer_than_one_new_token(tiny, n):
-    assert_one_error_line(
+    assert_refused(
         lighten("run", tiny["gpt2"], "-p", "the model", "--max-new-tokens", n), "at least 1"
     )
 
@@ -77,7 +58,7 @@ def test_run_refuses_fewer_than_one_new_token(tiny, n):
 @pytest.mark.parametrize("family,limit", [("gpt2", 1024), ("bert", 512)])
 def test_run_refuses_a_prompt_beyond_the_position_table(tiny, family, limit):
     prompt = " ".join(["the model"] * limit)
-    assert_one_error_line(lighten("run", tiny[family], "-p", prompt), f"{limit} positions")
+    assert_refused(lighten("run", tiny[family], "-p", prompt), f"{limit} positions")
 
 
 def test_export_type_is_only_for_gguf(tiny, tmp_path):
@@ -85,7 +66,7 @@ def test_export_type_is_only_for_gguf(tiny, tmp_path):
     result = lighten(
         "export", tmp_path / "q", "--to", "compressed-tensors", "--type", "Q4_0", "-o", tmp_path / "ct"
     )
-    assert_one_error_line(result, "--type")
+    assert_refused(result, "--type")
     assert not (tmp_path / "ct").exists()
 
 
@@ -93,7 +74,7 @@ def test_a_recipe_that_is_not_utf8(tiny, tmp_path):
     recipe = tmp_path / "latin1.yaml"
     recipe.write_bytes("name: caf\xe9\nformat: int8\n".encode("latin-1"))
     result = lighten("quantize", tiny["llama"], "--recipe", recipe, "-o", tmp_path / "q")
-    assert_one_error_line(result, "not UTF-8")
+    assert_refused(result, "not UTF-8")
     assert not (tmp_path / "q").exists()
 
 

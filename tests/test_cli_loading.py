@@ -2,13 +2,12 @@
 exit status 2 in every command — never a traceback, never a model run on random weights, never an output."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from broken_files import corrupt
+from cli_helpers import assert_refused
+from cli_helpers import lighten as lighten_cli
 from safetensors.torch import load_file, save_file
 from tiny_models import sample_text, save_tiny
 
@@ -17,30 +16,6 @@ from lighten.checkpoint import MANIFEST, WEIGHTS
 from lighten.errors import ModelError
 from lighten.pipeline import quantize_to_dir
 from lighten.recipes import recipe_from_options
-
-
-def lighten_cli(*args, cwd=None):
-    # A wide console keeps the one error message on one line, whatever the length of the temp paths in it.
-    env = os.environ | {"COLUMNS": "1000"}
-    return subprocess.run(
-        [sys.executable, "-m", "lighten", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
-
-
-def assert_refused(result, *phrases, output=None):
-    """Exit 2, one `error:` line holding every phrase, no traceback, nothing printed or written."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    for phrase in phrases:
-        assert phrase in line, line
-    assert result.stdout == ""
-    assert output is None or not output.exists()
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,8 @@ def test_a_tied_lm_head_need_not_be_stored(tmp_path):
 
 def test_a_lighten_checkpoint_is_not_loaded_as_a_plain_model(tmp_path):
     from lighten.checkpoint import MANIFEST, save_checkpoint
-    from lighten.quantize import make_plan, quantize_weights
+    from lighten.plan import make_plan
+    from lighten.quantize import quantize_weights
 
     src = save_tiny("llama", tmp_path / "src")
     model, _ = load_model(src)

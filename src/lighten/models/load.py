@@ -136,14 +136,18 @@ def _require_all_weights(path: Path, info: dict) -> None:
 @contextlib.contextmanager
 def _without_load_report():
     """transformers logs its own table of missing or mismatched weights, with advice that does not apply to
-    lighten (options it does not have); lighten reports them itself."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    lighten (options it does not have); lighten reports them itself. With that log quiet, transformers checks
+    a tensor-parallel plan that lighten never uses and logs which layers it "did not shard": quiet too."""
+    names = ("modeling_utils", "distributed.tensor_parallel")
+    loggers = [logging.getLogger(f"transformers.{name}") for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
