@@ -333,9 +333,9 @@ def grouped(v: torch.Tensor, g: int, groups: int) -> torch.Tensor:
     return torch.cat([v, v.new_zeros(v.shape[0], groups * g - v.shape[1])], 1).view(-1, groups, g)
 
 
-def get(spec: str) -> "Format | GGMLFormat":
-    """Parse a spec string (grammar in lighten.formats) into a Format, or a GGMLFormat for a GGUF block type;
-    SpecError if invalid."""
+def get(spec: str):
+    """Parse a spec string (grammar in lighten.formats) into a Format, or a lighten.formats.ggml.GGMLFormat
+    for a GGUF block type; SpecError if invalid."""
     parsed = parse_spec(spec)
     if parsed.family in GGML:
         from lighten.formats.ggml import GGMLFormat  # ggml.py builds on QuantizedTensor, defined here

@@ -21,11 +21,11 @@ Encoding follows ggml-quants.c type by type, vectorized over blocks in numpy fp3
 `importance` is a weight per input column, shape [K] (llama.cpp's imatrix entry of the tensor: the mean x^2 of
 that input over calibration tokens); the search then minimises the error weighted by it, as llama.cpp does.
 
-Where it differs from ggml: sums are numpy's (pairwise, not sequential) and C compilers may fuse multiply-adds,
-so a scale search can tip the other way on a near-tie; the k-quant and iq4 bytes are therefore the same
-algorithm, not guaranteed the same bits as llama.cpp's. The searches that loop per element in C (make_q3_quants,
-make_qp_quants) run each pass over all blocks at once; a block whose pass changes nothing stays unchanged, as
-in C where it stops.
+Where it differs from ggml: sums are numpy's (pairwise, not sequential) and C compilers may fuse
+multiply-adds, so a scale search can tip the other way on a near-tie; the k-quant and iq4 bytes are therefore
+the same algorithm, not guaranteed the same bits as llama.cpp's. The searches that loop per element in C
+(make_q3_quants, make_qp_quants) run each pass over all blocks at once; a block whose pass changes nothing
+stays unchanged, as in C where it stops.
 """
 
 import math
@@ -63,6 +63,11 @@ TYPES = {
     "tq1_0": (T.TQ1_0, QK_K, 54, 3, 1, "q4_0"),
     "tq2_0": (T.TQ2_0, QK_K, 66, 3, 1, "q4_0"),
 }
+# Why the algorithms that hand a format their own scales (quantize(x, scales=...)) cannot target these types.
+GGML_SCALES = (
+    "a GGUF block type picks its own scales and mins with llama.cpp's search (optionally "
+    "importance-weighted); use algorithm rtn (or awq)"
+)
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,8 @@ class GGMLFormat:
                 else "no GGUF type of this family fits: llama-quantize keeps such tensors in F16, so keep it "
                 "unquantized"
             )
-            raise SpecError(f"{self.name} stores rows in blocks of {block}; rows of {k} are not whole blocks. {instead}")
+            whole = f"{self.name} stores rows in blocks of {block}; rows of {k} are not whole blocks"
+            raise SpecError(f"{whole}. {instead}")
         return math.prod(shape) // k, k, block, k // block
 
     def layout(self, shape) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -137,11 +143,12 @@ class GGMLFormat:
         rows, k, _, _ = self.geometry(tuple(x.shape))
         if importance is not None:
             importance = importance.detach().float().cpu()
-            if tuple(importance.shape) != (k,) or not bool(torch.isfinite(importance).all() & (importance >= 0).all()):
+            valid = bool(torch.isfinite(importance).all() & (importance >= 0).all())
+            if tuple(importance.shape) != (k,) or not valid:
                 raise ValueError(f"importance must be {k} finite weights >= 0, one per input column")
             importance = importance.numpy()
         v = x.detach().float().cpu().reshape(rows, k).numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):  # searches divide by zero in blocks they then skip
+        with np.errstate(divide="ignore", invalid="ignore"):  # searches divide by 0 in blocks they then skip
             blocks = _QUANTIZERS[self.name](v, importance)
         return QuantizedTensor(self.name, tuple(x.shape), {"blocks": torch.from_numpy(blocks)})
 
@@ -195,7 +202,8 @@ def make_qx_quants(x, nmax: int, w):
 
 
 def make_q3_quants(x, nmax: int):
-    """make_q3_quants with do_rmse: symmetric codes refined one at a time under x^2 weights; L in [0, 2 nmax)."""
+    """make_q3_quants with do_rmse: symmetric codes refined one at a time under x^2 weights; L in
+    [0, 2 nmax)."""
     mx = _signed_absmax(x)
     zero = np.abs(mx) < EPS
     q = np.clip(np.rint(-nmax / np.where(zero, 1, mx)[..., None] * x), -nmax, nmax - 1)
@@ -271,8 +279,10 @@ def make_qkx_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use
         err = error(this_scale, cand, this_min)
         better = (det > 0) & (err < best) & ~flat
         q = np.where(better[..., None], cand, q)
-        best, scale, mn = (np.where(better, new, old) for new, old in ((err, best), (this_scale, scale), (this_min, mn)))
-    return np.where(flat, 0, scale).astype(np.float32), (-mn).astype(np.float32), np.where(flat[..., None], 0, q)
+        best, scale = np.where(better, err, best), np.where(better, this_scale, scale)
+        mn = np.where(better, this_min, mn)
+    scale, q = np.where(flat, 0, scale).astype(np.float32), np.where(flat[..., None], 0, q)
+    return scale, (-mn).astype(np.float32), q
 
 
 def _signed_absmax(x):
@@ -345,7 +355,7 @@ def _q3_k(x, importance):
         ls = ls.astype(np.uint8)
     q = _requantize(xs, q, _f16(d), ls.astype(np.float32) - 32, -4, 3)
     high = q > 3
-    hmask = _bitplanes(high.reshape(*high.shape[:2], 8, 32), 1)  # the third bit of weight 32 i + l: hmask[l] bit i
+    hmask = _bitplanes(high.reshape(*high.shape[:2], 8, 32), 1)  # 3rd bit of weight 32 i + l: hmask[l] bit i
     scales_low = (ls[..., :8] & 0xF) | ((ls[..., 8:] & 0xF) << 4)
     scales_high = _bitplanes(ls.reshape(*ls.shape[:2], 4, 4) >> 4, 2)  # byte k: top bits of scales k, k+4, ..
     return _rows([hmask, _crumbs(q - 4 * high), scales_low, scales_high, _f16(d)])
@@ -407,7 +417,7 @@ def _iq4(super_size: int):
         codes = (ls + 32).astype(np.uint16)
         scales_h = ((codes >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(-1, dtype=np.uint16)
         scales_l = (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
-        return _rows([_f16(d), scales_h[..., None].view(np.uint8), scales_l.astype(np.uint8), _nibbles(q, 16)])
+        return _rows([_f16(d), scales_h, scales_l.astype(np.uint8), _nibbles(q, 16)])
 
     return quantize
 
@@ -468,8 +478,8 @@ def _f16(a):
 
 
 def _nibbles(q, half: int):
-    """Codes (R, blocks, n) in chunks of 2 * half: byte l of a chunk holds the low 4 bits of code l (low nibble)
-    and of code l + half (high)."""
+    """Codes (R, blocks, n) in chunks of 2 * half: byte l of a chunk holds the low 4 bits of code l (low
+    nibble) and of code l + half (high)."""
     q = (q.astype(np.uint8) & 0xF).reshape(*q.shape[:2], -1, 2, half)
     return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*q.shape[:2], -1)
 

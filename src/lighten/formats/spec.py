@@ -57,7 +57,7 @@ def parse_spec(spec: str) -> Spec:
     name = ALIASES.get(name, name)
     if name in GGML:
         if options:
-            raise SpecError(f"{name} is a GGUF block type with fixed blocks and scales; write {name!r}, not {spec!r}")
+            raise SpecError(f"{name} is a GGUF block type with fixed blocks: write {name!r}, not {spec!r}")
         return Spec(name, "block")
     if name not in DEFAULTS:
         raise SpecError(
