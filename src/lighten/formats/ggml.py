@@ -473,7 +473,7 @@ def _inverse(a):
 
 
 def _f16(a):
-    """fp16 values; as bytes via _rows (GGML_FP32_TO_FP16 rounds to nearest even, as numpy does)."""
+    """fp16 values, stored as their bytes by _rows (GGML_FP32_TO_FP16 rounds to nearest even, as numpy)."""
     return np.asarray(a, np.float32).astype(np.float16)
 
 
@@ -504,7 +504,7 @@ def _rows(parts):
     return np.concatenate(flat, -1).reshape(flat[0].shape[0], -1)
 
 
-def _ternary_or_q8(ggml_type: T):
+def _ignoring_importance(ggml_type: T):
     return lambda x, importance: quants.quantize(x, ggml_type)  # llama.cpp ignores importance for these
 
 
@@ -513,7 +513,7 @@ _QUANTIZERS = {
     "q4_1": _q_legacy(15, True, T.Q4_1),
     "q5_0": _q_legacy(31, False, T.Q5_0),
     "q5_1": _q_legacy(31, True, T.Q5_1),
-    "q8_0": _ternary_or_q8(T.Q8_0),
+    "q8_0": _ignoring_importance(T.Q8_0),
     "iq4_nl": _iq4(32),
     "iq4_xs": _iq4(QK_K),
     "q2_k": _q2_k,
@@ -521,6 +521,6 @@ _QUANTIZERS = {
     "q4_k": _q45_k(15, -1.0, 20),
     "q5_k": _q45_k(31, -0.5, 15),
     "q6_k": _q6_k,
-    "tq1_0": _ternary_or_q8(T.TQ1_0),
-    "tq2_0": _ternary_or_q8(T.TQ2_0),
+    "tq1_0": _ignoring_importance(T.TQ1_0),
+    "tq2_0": _ignoring_importance(T.TQ2_0),
 }
