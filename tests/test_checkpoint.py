@@ -37,8 +37,10 @@ def _fake_quantized(model, spec):
 
 
 @pytest.mark.parametrize(
-    "arch,spec", [("llama", "int4:g32"), ("gpt2", "int8:channel"), ("bert", "nf4"), ("qwen2", "mxfp4")]
-)
+    "arch,spec",
+    [("llama", "int4:g32"), ("gpt2", "int8:channel"), ("bert", "nf4"), ("qwen2", "mxfp4"), ("llama", "q4_0"),
+     ("qwen2", "iq4_nl")],
+)  # fmt: skip
 def test_round_trip_equals_fake_quantized_model(tmp_path, arch, spec):
     src = save_tiny(arch, tmp_path / "src")
     model = _quantize_and_save(src, tmp_path / "q", spec)
@@ -55,15 +57,17 @@ def test_round_trip_equals_fake_quantized_model(tmp_path, arch, spec):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
-def test_checkpoint_is_packed_and_sized_honestly(tmp_path):
+@pytest.mark.parametrize("spec", ["int4:g32", "q4_0", "q8_0", "q5_1"])
+def test_checkpoint_is_packed_and_sized_honestly(tmp_path, spec):
     src = save_tiny("llama", tmp_path / "src")
-    _quantize_and_save(src, tmp_path / "q", "int4:g32")
+    _quantize_and_save(src, tmp_path / "q", spec)
     manifest = json.loads((tmp_path / "q" / MANIFEST).read_text())
-    assert set(manifest["tensors"]) == set(make_plan(load_model(src)[0], "int4:g32"))
+    assert set(manifest["tensors"]) == set(make_plan(load_model(src)[0], spec))
     row = size_report(tmp_path / "q")
-    # 4-bit codes + one fp16 scale per group of 32 = 4.5 bits; the rows here are multiples of 32.
-    assert row["format"] == formats.get("int4:g32").name
-    assert row["bits_per_weight"] == pytest.approx(formats.get("int4:g32").bits_per_element)
+    # int4:g32: 4-bit codes + one fp16 scale per group of 32 = 4.5 bits; the rows here are multiples of 32.
+    # GGUF types: bytes per block * 8 / block size (q4_0 4.5, q8_0 8.5, q5_1 6), scales inside the blocks.
+    assert row["format"] == formats.get(spec).name
+    assert row["bits_per_weight"] == pytest.approx(formats.get(spec).bits_per_element)
     assert size_report(src)["bits_per_weight"] == 32
     assert row["weight_bytes"] < size_report(src)["weight_bytes"]
 

@@ -71,6 +71,20 @@ def test_quantize_then_eval_a_causal_model(tmp_path):
     assert cand["weight_bytes"] < report["reference"]["weight_bytes"]
 
 
+def test_a_gguf_block_type_end_to_end(tmp_path):
+    """lighten quantize -f q4_0 writes a checkpoint that runs packed and evaluates at exactly 4.5 bits."""
+    src = save_tiny("llama", tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(400))
+    assert lighten("quantize", src, "-f", "Q4_0", "-o", tmp_path / "q").returncode == 0
+    result = lighten("run", tmp_path / "q", "-p", "the model is", "--max-new-tokens", 2, "--json")
+    assert result.returncode == 0, result.stderr
+    result = lighten("eval", tmp_path / "q", "--text", text, "--tokens", 128, "--context", 64, "--json")
+    assert result.returncode == 0, result.stderr
+    (cand,) = json.loads(result.stdout)["candidates"]
+    assert cand["format"] == "q4_0" and cand["bits_per_weight"] == 4.5 and cand["kl"] > 0
+
+
 def test_eval_an_encoder_against_itself(tmp_path):
     src = save_tiny("bert", tmp_path / "src")
     text = tmp_path / "sentences.txt"

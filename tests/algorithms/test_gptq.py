@@ -85,6 +85,8 @@ def test_double_quantized_scales_are_refused():
     w, _, H = _layer()
     with pytest.raises(LightenError, match="nf4"):
         gptq_quantize_layer(w, H, formats.get("nf4:dq"))
+    with pytest.raises(LightenError, match="GGUF block type picks its own scales"):
+        gptq_quantize_layer(w, H, formats.get("q4_0"))
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,9 @@ import torch
 
 from lighten import formats
 from lighten.algorithms.rtn import clipped_quantize, group_sq_error, mse_clip_quantize
-from lighten.errors import SpecError
+from lighten.errors import LightenError, SpecError
 from lighten.formats import QuantizedTensor
+from lighten.formats.spec import GGML
 
 SPECS = ["int4:g32", "int3:g32:asym", "int8", "int4:g48", "fp4_e2m1", "mxfp4", "nf4", "fp8_e4m3", "ternary"]
 
@@ -15,7 +16,10 @@ def _weights(seed=0, shape=(16, 100)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("fmt", formats.list_formats() + [formats.get("int3:g32:asym")], ids=lambda f: f.name)
+GRAMMAR_FORMATS = [f for f in formats.list_formats() if f.family not in GGML]  # GGUF types take no scales=
+
+
+@pytest.mark.parametrize("fmt", GRAMMAR_FORMATS + [formats.get("int3:g32:asym")], ids=lambda f: f.name)
 def test_own_scales_reproduce_quantize(fmt):
     w = _weights()
     q = fmt.quantize(w)
@@ -39,6 +43,11 @@ def test_mse_clip_never_worse_than_rtn_per_group(spec):
     rtn = fmt.quantize(w)
     QuantizedTensor.from_tensors(q.spec, q.shape, q.tensors)  # a valid tensor of the format
     assert (group_sq_error(w, q.dequantize(), fmt) <= group_sq_error(w, rtn.dequantize(), fmt)).all()
+
+
+def test_mse_clip_refuses_gguf_block_types():
+    with pytest.raises(LightenError, match="use algorithm rtn"):
+        mse_clip_quantize(torch.randn(4, 64), formats.get("q8_0"))
 
 
 def test_mse_clip_shrinks_an_outlier_group():

@@ -152,6 +152,7 @@ def test_transformers_loads_the_export(tmp_path, llama):
     "arch,spec,message",
     [
         ("llama", "nf4", "GGUF"),
+        ("llama", "q4_0", "GGUF"),
         ("llama", "int3:g32", "int4 and int8"),
         ("llama", "int8:tensor", "per channel or in groups"),
         ("llama", "int4:g48", "model.layers.0.self_attn.q_proj.weight"),

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from lighten.formats import QuantizedTensor, get, list_formats
 from lighten.formats.format import ELEMENTS, UNSIGNED
+from lighten.formats.spec import GGML  # GGUF block types: tests/formats/test_ggml.py
 
 NF4 = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -33,7 +34,7 @@ MX = {  # element, emax of the element (OCP MX v1.0 table)
     "mxfp4": ("fp4_e2m1", 2),
     "mxint8": ("int8", 0),
 }
-FORMATS = [f.name for f in list_formats()] + [
+FORMATS = [f.name for f in list_formats() if f.family not in GGML] + [
     "int4:g32:asym", "int8:channel:asym", "int2:g128:asym", "int3:tensor", "int5:g7",
     "fp8_e4m3:g128", "fp4_e2m1:channel", "fp6_e3m2:tensor", "nf4:dq", "nf4:channel",
     "ternary:channel", "ternary:g64", "binary:g32", "binary:tensor",

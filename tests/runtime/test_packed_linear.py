@@ -8,7 +8,14 @@ from lighten import formats
 from lighten.algorithms.act_quant import fake_quantize_activation
 from lighten.errors import LightenError
 from lighten.runtime import linear
-from lighten.runtime.linear import DequantLinear, Int4Linear, Int8Linear, W8A8Linear, packed_linear
+from lighten.runtime.linear import (
+    DequantLinear,
+    GGMLLinear,
+    Int4Linear,
+    Int8Linear,
+    W8A8Linear,
+    packed_linear,
+)
 
 N, K = 96, 576  # K = 576 is SmolLM2's width: not a whole number of 128-groups, so int4:g128 pads it
 SPECS = {  # spec -> the module packed_linear must choose
@@ -22,6 +29,9 @@ SPECS = {  # spec -> the module packed_linear must choose
     "mxfp4": DequantLinear,
     "ternary": DequantLinear,
     "int3": DequantLinear,
+    "q4_0": GGMLLinear,  # GGUF block types of 32 (576 is not whole 256-blocks)
+    "iq4_nl": GGMLLinear,
+    "q8_0": GGMLLinear,
 }
 INPUTS = {"batch 1": (1, K), "batch 32": (32, K), "3-D": (2, 5, K)}
 BF16_TOL = 2**-6
@@ -170,7 +180,20 @@ def test_fallback_decodes_block_by_block_exactly(monkeypatch, spec):
     assert_bf16_close(layer(x), F.linear(x.bfloat16(), w, b.bfloat16()), x.bfloat16(), w, b)
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4:g32:asym", "nf4"])
+@pytest.mark.parametrize("spec", ["q4_k", "q6_k", "iq4_xs"])
+def test_gguf_blocks_decode_a_block_of_rows_at_a_time_exactly(monkeypatch, spec):
+    monkeypatch.setattr(linear, "BLOCK_ELEMENTS", 40 * 256)
+    q, b = quantized(spec, n=100, k=256)
+    layer = packed_linear(q, b)
+    assert type(layer) is GGMLLinear and layer.block == 40
+    blocks = [layer.decode_rows(a, min(a + 40, 100)) for a in range(0, 100, 40)]
+    torch.testing.assert_close(torch.cat(blocks), q.dequantize(), rtol=0, atol=0)
+    x = torch.randn(5, 256)
+    w = q.dequantize(torch.bfloat16)
+    assert_bf16_close(layer(x), F.linear(x.bfloat16(), w, b.bfloat16()), x.bfloat16(), w, b)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g32:asym", "nf4", "q4_0"])
 def test_packed_buffers_are_integers_that_survive_model_to(spec):
     q, b = quantized(spec)
     layer = packed_linear(q, b)

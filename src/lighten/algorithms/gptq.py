@@ -13,6 +13,7 @@ import torch
 from lighten.algorithms.registry import HESSIAN, Algorithm
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
+from lighten.formats.ggml import GGML_SCALES, GGMLFormat
 from lighten.progress import note
 
 DAMP_RETRIES = 3  # a failed Cholesky factorization is retried with 10x, 100x, 1000x the damping
@@ -32,6 +33,8 @@ def gptq_quantize_layer(
     With act_order the columns go in order of decreasing H_ii (most salient first) and the scales are
     fixed up front from the original weights ("static groups"), so each group keeps one scale whatever
     order its columns come in."""
+    if isinstance(fmt, GGMLFormat):
+        raise LightenError(f"GPTQ cannot produce {fmt.name}: {GGML_SCALES}")
     if fmt.dq:
         raise LightenError(
             f"GPTQ cannot produce {fmt.name}: its double quantization couples the scales of all groups, "

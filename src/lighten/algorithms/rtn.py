@@ -10,8 +10,10 @@ import math
 import torch
 
 from lighten.algorithms.registry import NOTHING, Algorithm
+from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
 from lighten.formats.format import grouped
+from lighten.formats.ggml import GGML_SCALES, GGMLFormat
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 11)  # 1.0 first: a group keeps the plain RTN scale unless clipping helps
 
@@ -34,6 +36,8 @@ def mse_clip_quantize(w: torch.Tensor, fmt: Format, grid: torch.Tensor = CLIP_GR
     """RTN where each group keeps the clip ratio from `grid` with the least squared error. With 1.0 in the
     grid no group is worse than RTN (ties keep the earlier ratio, so list 1.0 first). nf4:dq shares its
     double quantization across groups, so its per-group guarantee is only approximate."""
+    if isinstance(fmt, GGMLFormat):
+        raise LightenError(f"MSE clipping cannot produce {fmt.name}: {GGML_SCALES}")
     w = w.detach().float()
     rows, _, _, groups = fmt.geometry(tuple(w.shape))
     best_err = torch.full((rows, groups), math.inf)

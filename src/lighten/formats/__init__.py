@@ -34,6 +34,9 @@ nf4                       g64            QLoRA NormalFloat4 code book           
 ternary                   tensor         BitNet b1.58 {-1, 0, 1}, 5 trits per byte   fp16 absmean
   codes = clamp(round(x / mean|x|), -1, 1); 1.6 bits per element plus the scale
 binary                    channel        sign(x) (sign(0) = +1), 1 bit               fp16 absmean
+q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl iq4_xs q2_k q3_k q4_k q5_k q6_k tq1_0 tq2_0
+                          fixed blocks   GGUF's block types, no options: lighten.formats.ggml (one `blocks`
+                                         buffer of GGUF bytes; quantize(x, importance=None))
 
 Scales are stored as fp16 unless noted. For ints and fp* they are rounded UP to the next fp16
 and encoding uses that stored scale, so no element clips and int error is at most scale / 2

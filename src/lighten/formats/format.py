@@ -19,7 +19,7 @@ import torch
 from lighten.errors import SpecError
 from lighten.formats import packing
 from lighten.formats.elements import BINARY, MINIFLOATS, NF4, TERNARY, Element, integer, unsigned
-from lighten.formats.spec import DEFAULTS, Spec, parse_spec
+from lighten.formats.spec import DEFAULTS, GGML, Spec, parse_spec
 
 INTS = {f"int{b}": integer(b) for b in range(2, 9)}
 UNSIGNED = {f"int{b}": unsigned(b) for b in range(2, 9)}
@@ -333,11 +333,17 @@ def grouped(v: torch.Tensor, g: int, groups: int) -> torch.Tensor:
     return torch.cat([v, v.new_zeros(v.shape[0], groups * g - v.shape[1])], 1).view(-1, groups, g)
 
 
-def get(spec: str) -> Format:
-    """Parse a spec string (grammar in lighten.formats) into a Format; SpecError if invalid."""
-    return Format(**vars(parse_spec(spec)))
+def get(spec: str):
+    """Parse a spec string (grammar in lighten.formats) into a Format, or a lighten.formats.ggml.GGMLFormat
+    for a GGUF block type; SpecError if invalid."""
+    parsed = parse_spec(spec)
+    if parsed.family in GGML:
+        from lighten.formats.ggml import GGMLFormat  # ggml.py builds on QuantizedTensor, defined here
+
+        return GGMLFormat(parsed.family)
+    return Format(**vars(parsed))
 
 
-def list_formats() -> list[Format]:
-    """Every format in the zoo at its default spec."""
-    return [get(name) for name in DEFAULTS]
+def list_formats() -> list:
+    """Every format in the zoo at its default spec, then the GGUF block types."""
+    return [get(name) for name in (*DEFAULTS, *GGML)]

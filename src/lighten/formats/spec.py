@@ -10,6 +10,9 @@ from lighten.errors import SpecError
 
 INTS = tuple(f"int{b}" for b in range(2, 9))
 MX = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8")  # OCP Microscaling v1.0
+# GGUF's block types: fixed blocks, no options. Their numerics: lighten.formats.ggml.TYPES.
+GGML = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+GGML += ("tq1_0", "tq2_0")
 
 # NAME -> default granularity. int8 and fp8 have enough levels for one scale per output
 # channel; narrower ints get the usual g128. fp6/fp4 get g32, the MX block size, so that e.g.
@@ -33,13 +36,15 @@ GRAMMAR = "NAME[:tensor|:channel|:gN][:sym|:asym][:dq]"
 @dataclass(frozen=True)
 class Spec:
     family: str  # NAME in the grammar, e.g. "int4", "mxfp4", "nf4"
-    granularity: str  # "tensor" | "channel" | "g<N>"
+    granularity: str  # "tensor" | "channel" | "g<N>" | "block" (GGUF types: the type fixes its blocks)
     asym: bool = False
     dq: bool = False
 
     @property
     def name(self) -> str:
         """Canonical spec: parse_spec(spec.name) == spec."""
+        if self.family in GGML:
+            return self.family
         sym = (":asym" if self.asym else ":sym") if self.family in INTS else ""
         return f"{self.family}:{self.granularity}{sym}{':dq' if self.dq else ''}"
 
@@ -50,10 +55,14 @@ def parse_spec(spec: str) -> Spec:
         raise SpecError(f"a format spec is a string like 'int4:g128', got {spec!r}")
     name, *options = spec.strip().lower().split(":")
     name = ALIASES.get(name, name)
+    if name in GGML:
+        if options:
+            raise SpecError(f"{name} is a GGUF block type with fixed blocks: write {name!r}, not {spec!r}")
+        return Spec(name, "block")
     if name not in DEFAULTS:
         raise SpecError(
-            f"unknown format {name!r} in spec {spec!r}. Valid names: {', '.join(DEFAULTS)} "
-            f"(alias: mxfp8 = mxfp8_e4m3). Grammar: {GRAMMAR}"
+            f"unknown format {name!r} in spec {spec!r}. Valid names: {', '.join(DEFAULTS)}, and the GGUF "
+            f"types {', '.join(GGML)} (alias: mxfp8 = mxfp8_e4m3). Grammar: {GRAMMAR}"
         )
     granularity = sym = dq = None
     for opt in options:

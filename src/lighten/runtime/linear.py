@@ -8,6 +8,7 @@ casts its input to bf16 and its output back to the input's dtype.
     int8:channel:sym, mode="w8a8"     W8A8Linear     torch._int_mm on int8 activations, one scale per token
       + outlier_threshold             W8A8Linear     the same, outlier columns in fp32 (LLM.int8())
     int4:g32/g64/g128/g256, sym/asym  Int4Linear     torch._weight_int4pack_mm_for_cpu (tinygemm layout)
+    GGUF block types (q4_0, q4_k, ..) GGMLLinear     decode a block of rows with gguf's dequantizer, matmul
     anything else                     DequantLinear  decode a block of rows via a table, matmul, next block
 
 Every buffer is stored in an integer dtype (floating scales are reinterpreted, not converted): model.to(dtype)
@@ -29,6 +30,7 @@ from lighten import formats
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor, packing
 from lighten.formats.elements import TERNARY
+from lighten.formats.ggml import GGMLFormat
 
 INT4_GROUPS = ("g32", "g64", "g128", "g256")  # the group sizes torch's int4 CPU kernel takes
 BLOCK_ELEMENTS = 2**18  # DequantLinear decodes ~this many weights at a time: 1 MB of fp32 temporaries
@@ -224,6 +226,14 @@ class DequantLinear(PackedLinear):
         return self.fmt.dequantize_values(part, _decode(self.fmt, part))
 
 
+class GGMLLinear(DequantLinear):
+    """GGUF block types, decoded a block of rows at a time by their format (gguf's numpy dequantizer): a small
+    stand-in until ggml's own kernels run these bytes."""
+
+    def decode_rows(self, a: int, b: int) -> torch.Tensor:
+        return self.quantized().rows(a, b).dequantize()
+
+
 def packed_linear(
     q: QuantizedTensor,
     bias: torch.Tensor | None = None,
@@ -248,6 +258,8 @@ def packed_linear(
         return Int8Linear.pack(q, bias)
     if fmt.family == "int4" and fmt.granularity in INT4_GROUPS and q.shape[0] % 16 == 0:  # N in tiles of 16
         return Int4Linear.pack(q, bias)
+    if isinstance(fmt, GGMLFormat):
+        return GGMLLinear(q, bias)
     return DequantLinear(q, bias)
 
 

@@ -1,0 +1,526 @@
+"""GGUF's block types (ggml's quantization types) as formats of the zoo: the bytes llama.cpp runs.
+
+    fmt = get("q4_k")                     # GGMLFormat; no options, case ignored
+    q = fmt.quantize(w, importance=None)  # q.tensors == {"blocks": uint8 (rows, bytes per row)}
+    w_hat = q.dequantize()                # gguf.quants.dequantize of those bytes, bit for bit
+    fmt.fallback_for(w.shape)             # what llama-quantize stores a tensor of that shape as
+
+`blocks` holds each row's GGUF blocks exactly as a GGUF file stores them (ggml-common.h), row-major, so an
+export writes them unchanged. Decoding is the `gguf` package's own dequantizer, the field's reference.
+
+Encoding follows ggml-quants.c type by type, vectorized over blocks in numpy fp32:
+
+  q4_0 q4_1 q5_0 q5_1   no importance: quantize_row_*_ref, i.e. gguf.quants.quantize (called directly);
+                        importance: quantize_row_*_impl (make_qx_quants / make_qkx3_quants search)
+  q8_0 tq1_0 tq2_0      gguf.quants.quantize; llama.cpp ignores importance for these, and so does lighten
+  q2_k q3_k q4_k q5_k   no importance: quantize_row_*_K_ref (make_qkx2_quants / make_q3_quants);
+  q6_k                  importance: quantize_row_*_K_impl (make_qkx3_quants / make_qx_quants, make_qp_quants)
+  iq4_nl iq4_xs         quantize_row_iq4_nl_impl with ntry = 7 (what llama-quantize runs, with or without an
+                        importance matrix): scale search on the non-uniform kvalues_iq4nl grid
+
+`importance` is a weight per input column, shape [K] (llama.cpp's imatrix entry of the tensor: the mean x^2 of
+that input over calibration tokens); the search then minimises the error weighted by it, as llama.cpp does.
+
+Where it differs from ggml: sums are numpy's (pairwise, not sequential) and C compilers may fuse
+multiply-adds, so a scale search can tip the other way on a near-tie; the k-quant and iq4 bytes are therefore
+the same algorithm, not guaranteed the same bits as llama.cpp's. The searches that loop per element in C
+(make_q3_quants, make_qp_quants) run each pass over all blocks at once; a block whose pass changes nothing
+stays unchanged, as in C where it stops.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from lighten.errors import SpecError
+from lighten.formats.format import QuantizedTensor
+
+QK_K = 256
+EPS = 1e-15  # ggml's GROUP_MAX_EPS: a block whose absmax is below it is all zeros
+IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+# name: (ggml type, weights per block, bytes per block, element levels, largest element magnitude, fallback).
+# The fallback is what llama-quantize stores a tensor as when its rows are not whole blocks of this type
+# (llama_tensor_get_type in src/llama-quant.cpp); None where it has none (it refuses, or for 32-blocks types
+# there is no smaller block).
+TYPES = {
+    "q4_0": (T.Q4_0, 32, 18, 16, 8, None),
+    "q4_1": (T.Q4_1, 32, 20, 16, 15, None),
+    "q5_0": (T.Q5_0, 32, 22, 32, 16, None),
+    "q5_1": (T.Q5_1, 32, 24, 32, 31, None),
+    "q8_0": (T.Q8_0, 32, 34, 255, 127, None),
+    "iq4_nl": (T.IQ4_NL, 32, 18, 16, 127, None),
+    "iq4_xs": (T.IQ4_XS, QK_K, 136, 16, 127, "iq4_nl"),
+    "q2_k": (T.Q2_K, QK_K, 84, 4, 3, "iq4_nl"),
+    "q3_k": (T.Q3_K, QK_K, 110, 8, 4, "iq4_nl"),
+    "q4_k": (T.Q4_K, QK_K, 144, 16, 15, "q5_0"),
+    "q5_k": (T.Q5_K, QK_K, 176, 32, 31, "q5_1"),
+    "q6_k": (T.Q6_K, QK_K, 210, 64, 32, "q8_0"),
+    "tq1_0": (T.TQ1_0, QK_K, 54, 3, 1, "q4_0"),
+    "tq2_0": (T.TQ2_0, QK_K, 66, 3, 1, "q4_0"),
+}
+# Why the algorithms that hand a format their own scales (quantize(x, scales=...)) cannot target these types.
+GGML_SCALES = (
+    "a GGUF block type picks its own scales and mins with llama.cpp's search (optionally "
+    "importance-weighted); use algorithm rtn (or awq)"
+)
+
+
+@dataclass(frozen=True)
+class GGMLFormat:
+    name: str  # a key of TYPES, e.g. "q4_k"
+
+    @property
+    def family(self) -> str:
+        return self.name
+
+    @property
+    def ggml_type(self) -> T:
+        return TYPES[self.name][0]
+
+    @property
+    def block_size(self) -> int:
+        return TYPES[self.name][1]
+
+    @property
+    def block_bytes(self) -> int:
+        return TYPES[self.name][2]
+
+    @property
+    def levels(self) -> int:
+        """Distinct element codes of one (sub-)block, before its scale and min."""
+        return TYPES[self.name][3]
+
+    @property
+    def max_value(self) -> float:
+        """Largest element magnitude before scaling (the code range's far end, e.g. q4_0's -8)."""
+        return TYPES[self.name][4]
+
+    @property
+    def bits_per_element(self) -> float:
+        """Exact: every scale, min and super-scale lives inside the block."""
+        return self.block_bytes * 8 / self.block_size
+
+    def fallback_for(self, shape) -> "GGMLFormat | None":
+        """The format llama-quantize stores a tensor of `shape` in when asked for this one: this format where
+        its rows are whole blocks, else the type's fallback where that fits; None where neither does
+        (llama-quantize then writes F16, or refuses: keep the weight unquantized)."""
+        for name in (self.name, TYPES[self.name][5]):
+            if name is not None and shape[-1] % TYPES[name][1] == 0:
+                return GGMLFormat(name)
+        return None
+
+    def geometry(self, shape) -> tuple[int, int, int, int]:
+        """(rows, row length K, block size, blocks per row); SpecError where rows are not whole blocks."""
+        if len(shape) == 0 or math.prod(shape) == 0:
+            raise ValueError(f"can only quantize a non-empty tensor with ndim >= 1, got shape {shape}")
+        k, block = shape[-1], self.block_size
+        if k % block:
+            fallback = self.fallback_for(shape)
+            instead = (
+                f"llama-quantize falls back to {fallback.name} for such tensors: quantize this one as "
+                f"{fallback.name} (formats.get({self.name!r}).fallback_for(shape) says so)"
+                if fallback
+                else "no GGUF type of this family fits: llama-quantize keeps such tensors in F16, so keep it "
+                "unquantized"
+            )
+            whole = f"{self.name} stores rows in blocks of {block}; rows of {k} are not whole blocks"
+            raise SpecError(f"{whole}. {instead}")
+        return math.prod(shape) // k, k, block, k // block
+
+    def layout(self, shape) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """blocks: uint8 (rows, blocks per row * bytes per block), each row's GGUF blocks in file order."""
+        rows, _, _, blocks = self.geometry(shape)
+        return {"blocks": (torch.uint8, (rows, blocks * self.block_bytes))}
+
+    def quantize(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
+        """Encode x as llama.cpp does (module docstring), optionally weighting each input column's error by
+        `importance` (shape [K], >= 0)."""
+        rows, k, _, _ = self.geometry(tuple(x.shape))
+        if importance is not None:
+            importance = importance.detach().float().cpu()
+            valid = bool(torch.isfinite(importance).all() & (importance >= 0).all())
+            if tuple(importance.shape) != (k,) or not valid:
+                raise ValueError(f"importance must be {k} finite weights >= 0, one per input column")
+            importance = importance.numpy()
+        v = x.detach().float().cpu().reshape(rows, k).numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):  # searches divide by 0 in blocks they then skip
+            blocks = _QUANTIZERS[self.name](v, importance)
+        return QuantizedTensor(self.name, tuple(x.shape), {"blocks": torch.from_numpy(blocks)})
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        values = quants.dequantize(self._own(q).tensors["blocks"].numpy(), self.ggml_type)
+        return torch.from_numpy(values).reshape(q.shape).to(dtype)
+
+    def fake_quantize(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dequantize(self.quantize(x, importance), x.dtype)
+
+    def row_align(self, shape) -> int:
+        return 1  # every row is whole blocks
+
+    def row_slice(self, q: QuantizedTensor, a: int, b: int) -> QuantizedTensor:
+        """Rows a:b (of K = q.shape[-1]) as a QuantizedTensor of shape (b - a, K): a slice of q's blocks."""
+        blocks = self._own(q).tensors["blocks"]
+        if not 0 <= a < b <= blocks.shape[0]:
+            raise ValueError(f"rows {a}:{b} of a {self.name} tensor of {blocks.shape[0]} rows")
+        return QuantizedTensor(q.spec, (b - a, q.shape[-1]), {"blocks": blocks[a:b]})
+
+    def _own(self, q: QuantizedTensor) -> QuantizedTensor:
+        if q.spec != self.name:
+            raise SpecError(f"{q.spec} tensor passed to {self.name}; use its own format, get(q.spec)")
+        return q
+
+
+# ---- ggml's searches, over the last axis and vectorized over all others ---------------------------------
+
+
+def make_qx_quants(x, nmax: int, w):
+    """make_qx_quants, rmse_type 1: symmetric scale d and codes L in [0, 2 nmax) with x ~ d (L - nmax); 19
+    scales around -nmax / (signed absmax) are tried, keeping the least w-weighted squared error."""
+    mx = _signed_absmax(x)
+    zero = np.abs(mx) < EPS
+    mx = np.where(zero, 1, mx)[..., None]
+
+    def fit(iscale):
+        q = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
+        return q, (w * x * q).sum(-1), (w * q * q).sum(-1)
+
+    q, sumlx, suml2 = fit(-nmax / mx)
+    scale = np.where(suml2 > 0, sumlx / suml2, 0)
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        cand, slx, sl2 = fit(-(nmax + np.float32(0.1) * step) / mx)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        q = np.where(better[..., None], cand, q)
+        scale = np.where(better, slx / sl2, scale)
+        best = np.where(better, scale * slx, best)
+    return np.where(zero, 0, scale).astype(np.float32), np.where(zero[..., None], 0, q + nmax)
+
+
+def make_q3_quants(x, nmax: int):
+    """make_q3_quants with do_rmse: symmetric codes refined one at a time under x^2 weights; L in
+    [0, 2 nmax)."""
+    mx = _signed_absmax(x)
+    zero = np.abs(mx) < EPS
+    q = np.clip(np.rint(-nmax / np.where(zero, 1, mx)[..., None] * x), -nmax, nmax - 1)
+    scale, q = _refine(x, x * x, q, -nmax, nmax - 1)
+    return np.where(zero, 0, scale), np.where(zero[..., None], 0, q + nmax)
+
+
+def make_qp_quants(x, nmax: int, w):
+    """make_qp_quants: the codes L in [0, nmax] of non-negative x (sub-block scales or mins) and their scale,
+    from 9 trial scales and then one-at-a-time refinement, under weights w."""
+    mx = np.maximum(x.max(-1), 0)
+    zero = mx < EPS
+    mx = np.where(zero, 1, mx)[..., None]
+    iscale = nmax / mx
+    best = (w * np.square(x - np.rint(iscale * x) / iscale)).sum(-1)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial = (np.float32(0.1) * step + nmax) / mx
+        mse = (w * np.square(x - np.minimum(nmax, np.rint(trial * x)) / trial)).sum(-1)
+        iscale = np.where((mse < best)[..., None], trial, iscale)
+        best = np.minimum(mse, best)
+    scale, q = _refine(x, w, np.minimum(nmax, np.rint(iscale * x)), 0, nmax)
+    return np.where(zero, 0, scale), np.where(zero[..., None], 0, q).astype(np.uint8)
+
+
+def _refine(x, w, q, lo: int, hi: int):
+    """The coordinate search of make_q3_quants and make_qp_quants: each code in turn moves to the value that
+    best fits the others' least-squares scale, if that raises sum(wxq)^2 / sum(wq^2); five passes."""
+    q = q.copy()
+    sumlx, suml2 = (w * x * q).sum(-1), (w * q * q).sum(-1)
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[-1]):
+            wi, xi, qi = w[..., i], x[..., i], q[..., i]
+            slx, sl2 = sumlx - wi * xi * qi, suml2 - wi * qi * qi
+            new = np.clip(np.rint(xi * sl2 / slx), lo, hi)
+            slx_new, sl2_new = slx + wi * xi * new, sl2 + wi * new * new
+            ok = (slx > 0) & (sl2 > 0) & (new != qi) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            q[..., i] = np.where(ok, new, qi)
+            sumlx, suml2 = np.where(ok, slx_new, sumlx), np.where(ok, sl2_new, suml2)
+            changed = changed or bool(ok.any())
+        if not changed:
+            break
+    return np.where(suml2 > 0, sumlx / suml2, 0).astype(np.float32), q
+
+
+def make_qkx_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+    """make_qkx2_quants / make_qkx3_quants (the same search; only their guards against degenerate blocks
+    differ, and this takes qkx3's): x ~ scale * L - the_min with L in [0, nmax] and min <= 0, from min-max
+    rounding and nstep + 1 least-squares refits of (scale, min) for wider or narrower grids.
+    Returns (scale, the_min, L)."""
+    rmin, rdelta = np.float32(rmin), np.float32(rdelta)
+    mn, mx = np.minimum(x.min(-1), 0), x.max(-1)
+    flat = mx <= mn
+    sum_w, sum_x = w.sum(-1), (w * x).sum(-1)
+
+    def error(scale, q, m):
+        diff = scale[..., None] * q + m[..., None] - x
+        return (w * (np.abs(diff) if use_mad else diff * diff)).sum(-1)
+
+    iscale = nmax / np.where(flat, 1, mx - mn)
+    q = np.clip(np.rint(iscale[..., None] * (x - mn[..., None])), 0, nmax)
+    scale = 1 / iscale
+    best = error(scale, q, mn)
+    for step in range(nstep + 1):
+        v = ((rmin + rdelta * step + nmax) / (mx - mn))[..., None] * (x - mn[..., None])  # mn: best so far
+        cand = np.where(v > 0, np.rint(np.minimum(v, nmax)), 0)
+        sum_l, sum_l2, sum_xl = (w * cand).sum(-1), (w * cand * cand).sum(-1), (w * cand * x).sum(-1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        this_scale = np.where(this_min > 0, sum_xl / sum_l2, this_scale)  # the min must stay <= 0
+        this_min = np.minimum(this_min, 0)
+        err = error(this_scale, cand, this_min)
+        better = (det > 0) & (err < best) & ~flat
+        q = np.where(better[..., None], cand, q)
+        best, scale = np.where(better, err, best), np.where(better, this_scale, scale)
+        mn = np.where(better, this_min, mn)
+    scale, q = np.where(flat, 0, scale).astype(np.float32), np.where(flat[..., None], 0, q)
+    return scale, (-mn).astype(np.float32), q
+
+
+def _signed_absmax(x):
+    """The element of largest magnitude (the first of equals, as ggml's strict > keeps), with its sign."""
+    return np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+
+
+def _best_index(values, x):
+    """ggml's best_index_int8: the nearest grid value's index, ties to the upper one."""
+    return np.searchsorted(values[:-1] + values[1:], x + x, side="right")
+
+
+# ---- the types: rows (R, K) fp32 and importance (K,) or None -> blocks (R, K / block * bytes) uint8 -----
+
+
+def _weights(x, importance, sigma2):
+    """ggml's importance weights: imatrix entry * sqrt(sigma2 + x^2), sigma2 a mean square of the row or
+    super-block. importance is (K,), x is a row's blocks: the column of each element comes from x's shape."""
+    return importance.reshape(x.shape[1:]) * np.sqrt(sigma2 + x * x)
+
+
+def _q_legacy(nmax: int, asym: bool, ggml_type: T):
+    """q4_0, q5_0 (symmetric) and q4_1, q5_1 (scale and min) in blocks of 32."""
+
+    def quantize(x, importance):
+        if importance is None:
+            return quants.quantize(x, ggml_type)
+        xb = x.reshape(x.shape[0], -1, 32)
+        w = _weights(xb, importance, (x * x).mean(-1)[:, None, None])
+        if asym:
+            d, the_min, q = make_qkx_quants(xb, w, nmax, -0.9, 0.05, 36, False)
+            head = [_f16(d), _f16(-the_min)]
+        else:
+            d, q = make_qx_quants(xb, (nmax + 1) // 2, w)
+            head = [_f16(d)]
+        if nmax == 31:  # the fifth bit of each weight, weight j at bit j
+            head.append(np.packbits(q.astype(np.uint8) >> 4, -1, bitorder="little"))
+        return _rows(head + [_nibbles(q, 16)])
+
+    return quantize
+
+
+def _q2_k(x, importance):
+    xs = _super_blocks(x, 16)
+    if importance is None:
+        scales, mins, q = make_qkx_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+        ls, d = _scale_codes(scales, 15)
+        lm, dmin = _scale_codes(mins, 15)
+    else:
+        w = _weights(xs, importance, (xs * xs).mean((-2, -1), keepdims=True))
+        scales, mins, q = make_qkx_quants(xs, w, 3, -0.9, 0.05, 36, False)
+        d, ls = make_qp_quants(scales, 15, w.sum(-1))
+        dmin, lm = make_qp_quants(mins, 15, w.sum(-1))
+    q = _requantize(xs, q, _f16(d), ls, 0, 3, _f16(dmin), lm)
+    return _rows([ls | (lm << 4), _crumbs(q), _f16(d), _f16(dmin)])
+
+
+def _q3_k(x, importance):
+    xs = _super_blocks(x, 16)
+    if importance is None:
+        scales, q = make_q3_quants(xs, 4)
+        top = _signed_absmax(scales)
+        iscale = np.where(top != 0, -32 / np.where(top != 0, top, 1), 0)
+        ls = (np.clip(np.rint(iscale[..., None] * scales), -32, 31) + 32).astype(np.uint8)
+        d = np.where(top != 0, 1 / iscale, 0)
+    else:
+        w = _weights(xs, importance, 2 * (xs * xs).mean((-2, -1), keepdims=True))
+        scales, q = make_qx_quants(xs, 4, w)
+        d, ls = make_qx_quants(scales, 32, w.sum(-1))
+        ls = ls.astype(np.uint8)
+    q = _requantize(xs, q, _f16(d), ls.astype(np.float32) - 32, -4, 3)
+    high = q > 3
+    hmask = _bitplanes(high.reshape(*high.shape[:2], 8, 32), 1)  # 3rd bit of weight 32 i + l: hmask[l] bit i
+    scales_low = (ls[..., :8] & 0xF) | ((ls[..., 8:] & 0xF) << 4)
+    scales_high = _bitplanes(ls.reshape(*ls.shape[:2], 4, 4) >> 4, 2)  # byte k: top bits of scales k, k+4, ..
+    return _rows([hmask, _crumbs(q - 4 * high), scales_low, scales_high, _f16(d)])
+
+
+def _q45_k(nmax: int, rmin: float, nstep: int):
+    """q4_k (nmax 15) and q5_k (31): 8 sub-blocks of 32 with 6-bit scales and mins."""
+
+    def quantize(x, importance):
+        xs = _super_blocks(x, 32)
+        if importance is None:
+            w = np.sqrt((xs * xs).mean(-1, keepdims=True)) + np.abs(xs)
+            scales, mins, q = make_qkx_quants(xs, w, nmax, rmin, 0.1, nstep, False)
+            ls, d = _scale_codes(scales, 63)
+            lm, dmin = _scale_codes(mins, 63)
+        else:
+            w = _weights(xs, importance, 2 * (xs * xs).mean((-2, -1), keepdims=True))
+            scales, mins, q = make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False)
+            d, ls = make_qp_quants(scales, 63, w.sum(-1))
+            dmin, lm = make_qp_quants(mins, 63, w.sum(-1))
+        q = _requantize(xs, q, _f16(d), ls, 0, nmax, _f16(dmin), lm)
+        k4 = [ls[..., :4] | ((ls[..., 4:] >> 4) << 6), lm[..., :4] | ((lm[..., 4:] >> 4) << 6)]
+        k4.append((ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4))
+        high = [_bitplanes((q >> 4).reshape(*q.shape[:2], 8, 32), 1)] if nmax == 31 else []
+        return _rows([_f16(d), _f16(dmin), *k4, *high, _nibbles(q, 32)])
+
+    return quantize
+
+
+def _q6_k(x, importance):
+    xs = _super_blocks(x, 16)
+    w = xs * xs if importance is None else np.broadcast_to(importance.reshape(xs.shape[1:]), xs.shape)
+    scales, q = make_qx_quants(xs, 32, w)  # ggml passes the imatrix entries themselves here
+    top = _signed_absmax(scales)
+    zero = np.abs(top) < EPS
+    iscale = -128 / np.where(zero, 1, top)
+    sc = np.minimum(127, np.rint(iscale[..., None] * scales))
+    d = _f16(1 / iscale)
+    q = _requantize(xs, q, d, sc, -32, 31)
+    blocks = _rows([_nibbles(q, 64), _crumbs(q >> 4), sc.astype(np.int8), d]).reshape(*zero.shape, -1)
+    return np.where(zero[..., None], 0, blocks).reshape(x.shape[0], -1)  # ggml zeroes an all-zero block
+
+
+def _iq4(super_size: int):
+    """iq4_nl (one block of 32 with an fp16 scale) and iq4_xs (super-blocks of 256: 6-bit block scales)."""
+
+    def quantize(x, importance):
+        xs = _super_blocks(x, 32, super_size)
+        sigma2 = 2 * (xs * xs).mean((-2, -1), keepdims=True)
+        w = xs * xs if importance is None else _weights(xs, importance, sigma2)
+        scales = _iq4_block_scales(xs, w)
+        if super_size == 32:
+            d = _f16(scales[..., 0])
+            q = _best_index(IQ4NL, _inverse(scales)[..., None] * xs)
+            return _rows([d, _nibbles(q, 16)])
+        d = -_signed_absmax(scales) / 32
+        ls = np.clip(np.rint(_inverse(d)[..., None] * scales), -32, 31)
+        q = _best_index(IQ4NL, _inverse(d[..., None] * ls)[..., None] * xs)
+        codes = (ls + 32).astype(np.uint16)
+        scales_h = ((codes >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(-1, dtype=np.uint16)
+        scales_l = (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
+        return _rows([_f16(d), scales_h, scales_l.astype(np.uint8), _nibbles(q, 16)])
+
+    return quantize
+
+
+def _iq4_block_scales(xs, w):
+    """Each 32-block's scale on the kvalues_iq4nl grid: least squares for the grid indices of 15 trial scales
+    around -max / -127, keeping the best (the indices themselves are chosen again from the final scale)."""
+    mx = _signed_absmax(xs)
+    zero = np.abs(mx) < EPS
+    mx = np.where(zero, 1, mx)[..., None]
+
+    def fit(inverse_scale):
+        v = IQ4NL[_best_index(IQ4NL, inverse_scale * xs)]
+        return (w * v * xs).sum(-1), (w * v * v).sum(-1)
+
+    sumqx, sumq2 = fit(1 / (-mx / IQ4NL[0]))
+    d = np.where(sumq2 > 0, sumqx / sumq2, 0)
+    best = d * sumqx
+    for step in range(-7, 8):
+        sqx, sq2 = fit((step + IQ4NL[0]) / mx)
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = np.where(better, sqx / sq2, d)
+        best = np.where(better, d * sqx, best)
+    return np.where(zero, 0, d).astype(np.float32)
+
+
+# ---- packing helpers -------------------------------------------------------------------------------
+
+
+def _super_blocks(x, sub: int, size: int = QK_K):
+    """(R, K) -> (R, blocks per row, sub-blocks, sub) fp32."""
+    return x.reshape(x.shape[0], -1, size // sub, sub)
+
+
+def _scale_codes(s, nmax: int):
+    """The k-quants' reference scale coding: codes round(nmax / max(s) * s), super-scale max(s) / nmax."""
+    top = np.maximum(s.max(-1), 0)
+    inverse = np.where(top > 0, nmax / np.where(top > 0, top, 1), 0)
+    return np.minimum(nmax, np.rint(inverse[..., None] * s)).astype(np.uint8), top / np.float32(nmax)
+
+
+def _requantize(xs, q, d, ls, lo: int, hi: int, dmin=None, lm=None):
+    """Codes (R, blocks, 256) from the stored scales: round((x + dmin * lm) / (d * ls)) into [lo, hi], stored
+    minus lo; a sub-block whose step is zero keeps the search's codes (ggml skips it)."""
+    step = (d.astype(np.float32)[..., None] * ls)[..., None]
+    offset = 0 if dmin is None else (dmin.astype(np.float32)[..., None] * lm)[..., None]
+    new = np.clip(np.rint((xs + offset) / step), lo, hi) - lo
+    return np.where(step != 0, new, q).astype(np.uint8).reshape(*xs.shape[:2], -1)
+
+
+def _inverse(a):
+    return np.where(a != 0, 1 / np.where(a != 0, a, 1), 0).astype(np.float32)
+
+
+def _f16(a):
+    """fp16 values, stored as their bytes by _rows (GGML_FP32_TO_FP16 rounds to nearest even, as numpy)."""
+    return np.asarray(a, np.float32).astype(np.float16)
+
+
+def _nibbles(q, half: int):
+    """Codes (R, blocks, n) in chunks of 2 * half: byte l of a chunk holds the low 4 bits of code l (low
+    nibble) and of code l + half (high)."""
+    q = (q.astype(np.uint8) & 0xF).reshape(*q.shape[:2], -1, 2, half)
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*q.shape[:2], -1)
+
+
+def _crumbs(q):
+    """2-bit codes (R, blocks, n) in chunks of 128: byte l holds codes l, l + 32, l + 64, l + 96 at bits 0, 2,
+    4, 6."""
+    return _bitplanes(q.reshape(*q.shape[:2], -1, 4, 32), 2).reshape(*q.shape[:2], -1)
+
+
+def _bitplanes(values, width: int):
+    """values (..., n, m) of `width` bits (n * width <= 8) -> (..., m) bytes, value i of a column at bit
+    width * i."""
+    shifts = (width * np.arange(values.shape[-2], dtype=np.uint8))[:, None]
+    return (values.astype(np.uint8) << shifts).sum(-2, dtype=np.uint8)
+
+
+def _rows(parts):
+    """Per-block parts (R, blocks, ...) of uint8, int8, uint16 or fp16, side by side as little-endian bytes:
+    (R, bytes per row)."""
+    flat = [np.ascontiguousarray(p).reshape(*p.shape[:2], -1).view(np.uint8) for p in parts]
+    return np.concatenate(flat, -1).reshape(flat[0].shape[0], -1)
+
+
+def _ignoring_importance(ggml_type: T):
+    return lambda x, importance: quants.quantize(x, ggml_type)  # llama.cpp ignores importance for these
+
+
+_QUANTIZERS = {
+    "q4_0": _q_legacy(15, False, T.Q4_0),
+    "q4_1": _q_legacy(15, True, T.Q4_1),
+    "q5_0": _q_legacy(31, False, T.Q5_0),
+    "q5_1": _q_legacy(31, True, T.Q5_1),
+    "q8_0": _ignoring_importance(T.Q8_0),
+    "iq4_nl": _iq4(32),
+    "iq4_xs": _iq4(QK_K),
+    "q2_k": _q2_k,
+    "q3_k": _q3_k,
+    "q4_k": _q45_k(15, -1.0, 20),
+    "q5_k": _q45_k(31, -0.5, 15),
+    "q6_k": _q6_k,
+    "tq1_0": _ignoring_importance(T.TQ1_0),
+    "tq2_0": _ignoring_importance(T.TQ2_0),
+}

@@ -1,0 +1,163 @@
+"""GGUF block types (lighten.formats.ggml) against the gguf package, the field's reference: its block sizes,
+its dequantizer (bit for bit) and, where it has one, its quantizer (byte for byte). The k-quant and iq4
+searches, which gguf cannot run, are checked against plain round-to-nearest on the same grids."""
+
+import time
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lighten.errors import SpecError
+from lighten.formats import QuantizedTensor, get
+from lighten.formats.ggml import IQ4NL, TYPES
+from lighten.formats.spec import GGML, canonical
+
+GGUF_QUANTIZES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "tq1_0", "tq2_0"]  # gguf.quants has an encoder
+SEARCHED = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"]
+WEIGHTED = ["q4_0", "q4_1", "q5_0", "q5_1", *SEARCHED]  # those whose search takes importance
+
+
+def weights(rows=64, k=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=g) * 0.02
+    w[0, :40] = 0  # an all-zero block
+    w[1, 3] = 0.5  # an outlier
+    return w
+
+
+def importance(k=512, seed=1):
+    return torch.exp(torch.randn(k, generator=torch.Generator().manual_seed(seed)) * 1.5)
+
+
+def rel_error(w, w_hat, imp=None):
+    imp = 1 if imp is None else imp
+    return (((w_hat - w) ** 2) * imp).sum().item() / ((w**2) * imp).sum().item()
+
+
+def plain_rtn(name, w):
+    """Round to nearest on a type's grid with fp32 sub-block scales (absmax / min-max; iq4: -max / -127 and
+    the nearest grid value): better than any RTN that must also store its scales in 4..8 bits."""
+    sub, kind, nmax = {
+        "q2_k": (16, "asym", 3), "q3_k": (16, "sym", 4), "q4_k": (32, "asym", 15), "q5_k": (32, "asym", 31),
+        "q6_k": (16, "sym", 32), "iq4_nl": (32, "nl", 127), "iq4_xs": (32, "nl", 127),
+    }[name]  # fmt: skip
+    b = w.double().numpy().reshape(-1, sub)
+    if kind == "asym":
+        lo, hi = np.minimum(b.min(-1, keepdims=True), 0), b.max(-1, keepdims=True)
+        s = np.where(hi > lo, (hi - lo) / nmax, 1)
+        out = np.clip(np.rint((b - lo) / s), 0, nmax) * s + lo
+    else:
+        top = np.take_along_axis(b, np.abs(b).argmax(-1)[:, None], -1)
+        s = np.where(top != 0, top / -nmax, 1)
+        if kind == "sym":
+            out = np.clip(np.rint(b / s), -nmax, nmax - 1) * s
+        else:
+            grid = IQ4NL.astype(np.float64)
+            out = grid[np.abs(b[..., None] / s[..., None] - grid).argmin(-1)] * s
+    return torch.from_numpy(out.reshape(w.shape)).float()
+
+
+def test_table_matches_gguf_and_the_spec_parser():
+    assert tuple(TYPES) == GGML
+    for name, (ggml_type, block, nbytes, *_) in TYPES.items():
+        fmt = get(name.upper())
+        assert fmt.name == canonical(f" {name.upper()} ") == name
+        assert (block, nbytes) == gguf.GGML_QUANT_SIZES[ggml_type] == (fmt.block_size, fmt.block_bytes)
+        assert fmt.bits_per_element == nbytes * 8 / block
+    with pytest.raises(SpecError, match="fixed blocks"):
+        get("q4_k:g128")
+
+
+@pytest.mark.parametrize("name", GGML)
+def test_blocks_decode_as_gguf_decodes_them(name):
+    w = weights()
+    for imp in (None, importance()):
+        q = get(name).quantize(w, imp)
+        blocks = q.tensors["blocks"]
+        assert {"blocks": (blocks.dtype, tuple(blocks.shape))} == get(name).layout(w.shape)
+        reference = gguf.quants.dequantize(blocks.numpy(), TYPES[name][0])
+        assert torch.equal(q.dequantize(), torch.from_numpy(reference))
+        assert q.nbytes * 8 == get(name).bits_per_element * w.numel()
+
+
+@pytest.mark.parametrize("name", GGUF_QUANTIZES)
+def test_without_importance_the_bytes_are_gguf_s(name):
+    w = weights()
+    expected = gguf.quants.quantize(w.numpy(), TYPES[name][0])
+    assert np.array_equal(get(name).quantize(w).tensors["blocks"].numpy(), expected)
+
+
+@pytest.mark.parametrize("name", SEARCHED)
+def test_search_beats_plain_rtn(name):
+    w = weights(seed=2)
+    assert rel_error(w, get(name).fake_quantize(w)) < rel_error(w, plain_rtn(name, w))
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_importance_lowers_the_weighted_error(name):
+    w, imp = weights(seed=3), importance()
+    fmt = get(name)
+    assert rel_error(w, fmt.fake_quantize(w, imp), imp) < 0.9 * rel_error(w, fmt.fake_quantize(w), imp)
+
+
+def test_importance_is_one_weight_per_input_column():
+    with pytest.raises(ValueError, match="512 finite weights"):
+        get("q4_k").quantize(weights(), torch.ones(256))
+    with pytest.raises(ValueError, match="512 finite weights"):
+        get("q4_k").quantize(weights(), -importance())
+
+
+def test_rows_that_are_not_whole_blocks_name_llama_quantize_s_fallback():
+    fallbacks = {name: get(name).fallback_for((8, 576)) for name in GGML}
+    assert {name: f and f.name for name, f in fallbacks.items()} == {
+        "q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1", "q8_0": "q8_0",
+        "iq4_nl": "iq4_nl", "iq4_xs": "iq4_nl", "q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0",
+        "q5_k": "q5_1", "q6_k": "q8_0", "tq1_0": "q4_0", "tq2_0": "q4_0",
+    }  # fmt: skip
+    assert get("q4_k").fallback_for((8, 1536)).name == "q4_k"
+    assert get("q4_k").fallback_for((8, 48)) is None and get("q4_0").fallback_for((8, 48)) is None
+    with pytest.raises(SpecError, match="blocks of 256; rows of 576.*falls back to q5_0"):
+        get("q4_k").quantize(torch.randn(4, 576))
+    with pytest.raises(SpecError, match="blocks of 32; rows of 48.*keep it unquantized"):
+        get("q4_0").quantize(torch.randn(4, 48))
+
+
+def test_rows_slice_the_blocks_and_rebuild_from_stored_buffers():
+    w = weights().view(2, 32, 512)
+    q = get("q5_k").quantize(w)
+    assert q.shape == (2, 32, 512) and get("q5_k").row_align(q.shape) == 1
+    torch.testing.assert_close(q.rows(5, 40).dequantize(), q.dequantize().view(64, 512)[5:40], rtol=0, atol=0)
+    again = QuantizedTensor.from_tensors("Q5_K", [2, 32, 512], dict(q.tensors))
+    assert again.spec == "q5_k" and torch.equal(again.dequantize(), q.dequantize())
+    with pytest.raises(SpecError):
+        QuantizedTensor.from_tensors("q4_k", (2, 32, 512), dict(q.tensors))
+
+
+@pytest.mark.parametrize("name", SEARCHED + ["q4_1"])
+def test_a_576_by_1536_matrix_quantizes_in_seconds(name, one_thread):
+    w = torch.randn(576, 1536) * 0.02
+    for imp in (None, importance(1536)):
+        start = time.perf_counter()
+        get(name).quantize(w, imp)
+        assert time.perf_counter() - start < 5  # ~0.2-0.8 s alone on one core
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", GGML)
+def test_real_smollm2_rows(smollm2, name):
+    """down_proj's 1536-wide rows are whole blocks of every type. Decoding is gguf's, bit for bit; the
+    searches beat plain RTN and, given an importance, lower the error it weights."""
+    w = smollm2[0].model.layers[5].mlp.down_proj.weight.detach()[:128]
+    imp = importance(w.shape[1])
+    fmt = get(name)
+    q = fmt.quantize(w)
+    reference = gguf.quants.dequantize(q.tensors["blocks"].numpy(), TYPES[name][0])
+    assert torch.equal(q.dequantize(), torch.from_numpy(reference))
+    if name in GGUF_QUANTIZES:
+        assert np.array_equal(q.tensors["blocks"].numpy(), gguf.quants.quantize(w.numpy(), TYPES[name][0]))
+    if name in SEARCHED:
+        assert rel_error(w, q.dequantize()) < rel_error(w, plain_rtn(name, w))
+    if name in WEIGHTED:
+        assert rel_error(w, fmt.fake_quantize(w, imp), imp) < 0.9 * rel_error(w, q.dequantize(), imp)
