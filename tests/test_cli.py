@@ -1,4 +1,4 @@
-"""The command line as a user meets it: real subprocesses, exit codes, no tracebacks."""
+"""The command line as a user meets it: exit codes, what it prints, no tracebacks (tests/cli_helpers.py)."""
 
 import json
 
