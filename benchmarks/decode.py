@@ -7,10 +7,10 @@ the memory-bandwidth limit (bandwidth measured here ÷ weight bytes read per tok
     python benchmarks/decode.py --tokens 8 --runs 1      # a smoke run
 
 llama-1b is TinyLlama-1.1B's shape (22 layers, hidden 2048, MLP 5632, 32 heads, 4 KV heads) with SmolLM2's
-vocabulary and tokenizer and random weights: its speed is real, its text is noise. llama.cpp rows need
-llama-cpp-python (see the README) and are skipped without it. Runs alternate between engines so host noise
-hits them alike; per engine: tokens/s of the fastest and of the median run, decode only (the clock starts at
-the first generated token). Timings mean something only on an idle machine.
+vocabulary and tokenizer and random weights: its speed is real, its text is noise. llama.cpp opens the files
+with lighten.export.llamacpp.open_llama (weight repacking off on AMX CPUs, where it crashes). Runs alternate
+between engines so host noise hits them alike; per engine: tokens/s of the fastest and of the median run,
+decode only (the clock starts at the first generated token). Timings mean something only on an idle machine.
 """
 
 import argparse
@@ -27,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lighten.checkpoint import load
 from lighten.export.gguf import export_gguf
+from lighten.export.llamacpp import open_llama
 from lighten.formats import get
 from lighten.plan import make_plan
 from lighten.quantize import quantize_weights
@@ -44,27 +45,8 @@ LLAMA_1B = dict(
 )
 
 
-def disable_weight_repacking() -> None:
-    """use_extra_bufts=False (no weight repacking) for every model llama.cpp loads: on AMX CPUs a native
-    build crashes with repacked weights. Llama() silently ignores unknown keyword arguments, so the switch
-    is set in its default model params."""
-    import llama_cpp.llama
-
-    low_level = llama_cpp.llama.llama_cpp
-    defaults = low_level.llama_model_default_params
-
-    def params():
-        p = defaults()
-        p.use_extra_bufts = False
-        return p
-
-    low_level.llama_model_default_params = params
-
-
 def llama_cpp_decoder(path: Path, threads: int):
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=512, n_threads=threads, verbose=False)
+    llm = open_llama(path, n_ctx=512, n_threads=threads)
 
     def decode(prompt_ids: list[int], n: int) -> float:
         llm.reset()
@@ -143,19 +125,8 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed runs per engine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-fp32", action="store_true", help="leave out the slow fp32 engines")
-    parser.add_argument(
-        "--no-extra-bufts", action="store_true", help="llama.cpp without weight repacking (AMX CPUs)"
-    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.no_extra_bufts:
-        disable_weight_repacking()
-    try:
-        import llama_cpp  # noqa: F401
-
-        has_llama_cpp = True
-    except ImportError:
-        has_llama_cpp = False
 
     if args.model == "llama-1b":
         _, tokenizer = load("smollm2-135m")
@@ -167,11 +138,10 @@ def main():
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     engines, weight_bytes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        if has_llama_cpp:
-            for qtype in ("Q8_0", "Q4_0"):
-                path = export_gguf(model, tokenizer, Path(tmp) / f"{qtype}.gguf", qtype)
-                engines[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads)
-                weight_bytes[f"llama.cpp {qtype}"] = gguf_bytes(path)
+        for qtype in ("Q8_0", "Q4_0"):
+            path = export_gguf(model, tokenizer, Path(tmp) / f"{qtype}.gguf", qtype)
+            engines[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads)
+            weight_bytes[f"llama.cpp {qtype}"] = gguf_bytes(path)
         variants = {"fp32": model, "bf16": bf16} if not args.skip_fp32 else {"bf16": bf16}
         for name, m in variants.items():
             engines[f"transformers {name}"] = transformers_decoder(m)

@@ -273,7 +273,12 @@ def export(
         Path, typer.Option("--output", "-o", help="GGUF file or compressed-tensors directory.")
     ],
     type: Annotated[
-        str | None, typer.Option("--type", help="GGUF tensor type: F16, Q8_0 (default), Q4_0, Q6_K, Q4_K.")
+        str | None,
+        typer.Option(
+            "--type",
+            help="GGUF type of the matrices not already in a GGUF block type: F16, Q8_0 (default), Q4_0, "
+            "Q6_K, Q4_K.",
+        ),
     ] = None,
     pre_tokenizer: Annotated[
         str | None,

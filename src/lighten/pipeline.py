@@ -72,11 +72,12 @@ def export_model(
     force: bool = False,
     pre_tokenizer: str | None = None,
 ) -> Path:
-    """Export a model to `to` = "gguf" (a file; from any model lighten loads, re-quantized to the GGUF type
-    `qtype`, default Q8_0) or "compressed-tensors" (a directory; int4/int8 lighten checkpoints, codes carried
-    over exactly, so no type to choose)."""
+    """Export a model to `to` = "gguf" (a file; from any model lighten loads: a checkpoint's weights in GGUF
+    block types carried over exactly, every other matrix encoded as the GGUF type `qtype`, default Q8_0) or
+    "compressed-tensors" (a directory; int4/int8 lighten checkpoints, codes carried over exactly, so no type
+    to choose)."""
     if to == "gguf":
-        return export_gguf_from(source, out, qtype or "Q8_0", pre_tokenizer, force=force)
+        return export_gguf_from(source, out, qtype, pre_tokenizer, force=force)
     if to == "compressed-tensors":
         if qtype is not None or pre_tokenizer is not None:
             raise LightenError(

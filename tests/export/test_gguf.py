@@ -1,5 +1,6 @@
-"""GGUF export: read back with gguf's own reader and dequantizer, compare with the HF weights; metadata and
-tokenizer against the original SmolLM2 GGUF; opt-in, the same files run by llama.cpp."""
+"""GGUF export: read back with gguf's own reader and dequantizer, compare with the HF weights (or, for a
+checkpoint in GGUF block types, with its very bytes); metadata and tokenizer against the original SmolLM2
+GGUF; the same files run by llama.cpp, down to the perplexity lighten measures for the checkpoint."""
 
 import importlib.util
 import json
@@ -12,7 +13,9 @@ from tiny_models import sample_text, tiny_model, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from lighten import formats
 from lighten.errors import LightenError
+from lighten.formats.ggml import GGMLFormat
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
@@ -26,6 +29,7 @@ from lighten.export.gguf import (  # noqa: E402
     permute_rope,
 )
 from lighten.export.kquants import pack_q4_k, pack_q6_k, quantize_q4_k, quantize_q6_k  # noqa: E402
+from lighten.export.llamacpp import open_llama  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = dict(
@@ -97,15 +101,15 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def read_back(path, model, permuted: bool):
     """{hf name: (tensor info, dequantized weights, quantization step of each weight or None)}, all in HF
-    layout: q/k rows are put back in HF's order."""
+    layout: q/k rows are put back in HF's order. Steps are read for the types export_gguf encodes."""
     config = model.config
     out = {}
     hf_names = {gguf_tensor_name(n): n for n in model.state_dict()}
     for t in gguf.GGUFReader(path).tensors:
         shape = tuple(reversed(t.shape.tolist()))
         w = dequantize(t.data, t.tensor_type).reshape(shape)
-        quantized = t.tensor_type not in (T.F32, T.F16)
-        step = block_steps(t.tensor_type, t.data).reshape(shape) if quantized else None
+        known = t.tensor_type in (T.Q8_0, T.Q5_0, T.Q4_0, T.Q4_K, T.Q6_K)  # the types lighten re-quantizes to
+        step = block_steps(t.tensor_type, t.data).reshape(shape) if known else None
         heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
         for part, n in heads.items():
             if permuted and part in t.name:
@@ -356,28 +360,12 @@ def field(reader, key):
     return f.contents()
 
 
-# --- opt-in: llama.cpp itself (pip install llama-cpp-python, see docs) ---
+# --- llama.cpp itself (llama-cpp-python, installed by make setup) ---
 
 
-@pytest.fixture
-def llama_cpp(monkeypatch):
-    """llama_cpp with weight repacking off: on AMX CPUs a native build's repacked buffers crash on quantized
-    models. Llama() ignores unknown keyword arguments, so the switch is set in its default model params."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    defaults = llama_cpp.llama.llama_cpp.llama_model_default_params
-
-    def without_extra_bufts():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_extra_bufts)
-    return llama_cpp
-
-
-def llama_cpp_and_hf_logits(llama_cpp, path, model, ids):
+def llama_cpp_and_hf_logits(path, model, ids):
     """(the loaded llama.cpp model, its logits for `ids`, transformers' logits)."""
-    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    llm = open_llama(path, n_ctx=128, n_threads=2, logits_all=True)
     llm.eval(ids)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
@@ -387,7 +375,7 @@ def llama_cpp_and_hf_logits(llama_cpp, path, model, ids):
 @pytest.mark.parametrize(
     "arch,qtype", [("llama", "F16"), ("qwen2", "F16"), ("llama", "Q6_K"), ("llama", "Q4_K")]
 )
-def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, llama_cpp, arch, qtype):
+def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, arch, qtype):
     """Random weights: llama.cpp must see the rope layout it expects (permuted q/k for llama, NEOX rope and
     biases for qwen2; without the permutation the logits here differ by ~6) and read lighten's k-quant
     blocks (ffn_down) as they were meant. The reference runs the weights dequantized from the file."""
@@ -398,7 +386,7 @@ def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, llama_cpp, arch,
     path = export_gguf(model, tiny_bpe_tokenizer(), tmp_path / "t.gguf", qtype, pre_tokenizer="gpt-2")
     back = read_back(path, model, permuted=arch == "llama")
     model.load_state_dict({name: torch.from_numpy(w.copy()) for name, (_, w, _) in back.items()})
-    _, ours, ref = llama_cpp_and_hf_logits(llama_cpp, path, model, list(range(5, 25)))
+    _, ours, ref = llama_cpp_and_hf_logits(path, model, list(range(5, 25)))
     # Quantized matmuls in llama.cpp round activations to 8 bits too: measured max 0.17 (Q6_K), 0.21 (Q4_K).
     assert np.abs(ours - ref).max() < (0.05 if qtype == "F16" else 0.5)
 
@@ -412,12 +400,12 @@ LLAMA_CPP_BOUNDS = {"F16": (1.0, 0.03), "Q8_0": (0.85, 0.5)}
 
 @pytest.mark.real
 @pytest.mark.parametrize("qtype", list(LLAMA_CPP_BOUNDS))
-def test_llama_cpp_runs_smollm2_export_like_transformers(tmp_path, smollm2, llama_cpp, qtype):
+def test_llama_cpp_runs_smollm2_export_like_transformers(tmp_path, smollm2, qtype):
     model, tokenizer = smollm2
     path = export_gguf(model, tokenizer, tmp_path / "s.gguf", qtype)
     prompt = "The capital of France is Paris. The largest planet in the solar system is"
     ids = tokenizer(prompt)["input_ids"]
-    llm, ours, ref = llama_cpp_and_hf_logits(llama_cpp, path, model, ids)
+    llm, ours, ref = llama_cpp_and_hf_logits(path, model, ids)
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # the same tokenizer
     diff = np.abs(ours - ref)
     top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
@@ -427,3 +415,144 @@ def test_llama_cpp_runs_smollm2_export_like_transformers(tmp_path, smollm2, llam
     llm.reset()
     text = llm("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     assert "Paris" in text
+
+
+# --- checkpoints in GGUF block types: the codes go into the file unchanged ---
+
+# Three tiny layers of 7 matrices, all rows 256 wide so that every block type fits: each of GGUF's 14 types
+# once, q4_0 / q8_0 / iq4_nl again, and lighten formats of its own (re-quantized to --type on export).
+MIXED = dict(TINY, hidden_size=256, num_hidden_layers=3, tie_word_embeddings=True)
+MIXED_SPECS = [
+    *("q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl iq4_xs q2_k q3_k q4_k q5_k q6_k tq1_0 tq2_0".split()),
+    *("q4_0", "q8_0", "iq4_nl", "int4:g32", "int8", "nf4", "q4_k"),
+]
+
+
+@pytest.fixture(scope="module")
+def mixed_checkpoint(tmp_path_factory):
+    """A tied tiny Llama checkpoint with one spec per matrix from MIXED_SPECS, its codes and its GGUF file."""
+    from lighten.checkpoint import save_checkpoint
+    from lighten.quantize import quantize_weights
+
+    root = tmp_path_factory.mktemp("mixed")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**MIXED)).eval()
+    model.save_pretrained(root / "hf")
+    tiny_bpe_tokenizer().save_pretrained(root / "hf")
+    linears = [n for n, _ in model.named_parameters() if n.endswith("proj.weight")]
+    quantized = quantize_weights(model, dict(zip(linears, MIXED_SPECS, strict=True)))
+    checkpoint = save_checkpoint(model, quantized, root / "hf", str(root / "hf"), root / "q")
+    path = export_gguf_from(checkpoint, root / "q.gguf", pre_tokenizer="gpt-2")
+    return checkpoint, quantized, path
+
+
+def test_checkpoint_blocks_go_into_the_file_byte_for_byte(mixed_checkpoint):
+    """Every GGUF-typed weight: its own type, its bytes (q/k rows permuted) and so exactly lighten's
+    dequantized weight; norms exact in F32; the embedding and lighten's own formats at the default Q8_0."""
+    from lighten.checkpoint import load
+
+    checkpoint, quantized, path = mixed_checkpoint
+    model, _ = load(checkpoint)
+    back = read_back(path, model, permuted=True)
+    state = model.state_dict()
+    assert set(back) == set(state) - {"lm_head.weight"}  # tied: llama.cpp reuses token_embd
+    for name, (t, y, step) in back.items():
+        x = state[name].numpy()  # the checkpoint dequantized by lighten
+        fmt = formats.get(quantized[name].spec) if name in quantized else None
+        if isinstance(fmt, GGMLFormat):
+            assert t.tensor_type == fmt.ggml_type, name
+            heads = {"q_proj": MIXED["num_attention_heads"], "k_proj": MIXED["num_key_value_heads"]}
+            codes = quantized[name].tensors["blocks"].numpy()
+            n = next((n for part, n in heads.items() if part in name), None)
+            assert np.array_equal(np.asarray(t.data), permute_rope(codes, n) if n else codes), name
+            np.testing.assert_array_equal(y, x, err_msg=name)
+        elif x.ndim == 1:
+            assert t.tensor_type == T.F32
+            np.testing.assert_array_equal(y, x)
+        else:
+            assert t.tensor_type == T.Q8_0, name
+            assert_within_step(T.Q8_0, step, x, y)
+    assert gguf.GGUFReader(path).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_type_applies_only_to_the_weights_not_in_gguf_types(mixed_checkpoint, tmp_path):
+    checkpoint, quantized, path = mixed_checkpoint
+    other = export_gguf_from(checkpoint, tmp_path / "f16.gguf", "F16", pre_tokenizer="gpt-2")
+    mine, default = gguf.GGUFReader(other).tensors, {t.name: t for t in gguf.GGUFReader(path).tensors}
+    names = {gguf_tensor_name(n): n for n in quantized}
+    for t in mine:
+        spec = quantized[names[t.name]].spec if t.name in names else None
+        if spec is not None and isinstance(formats.get(spec), GGMLFormat):
+            assert np.array_equal(np.asarray(t.data), np.asarray(default[t.name].data)), t.name
+        elif len(t.shape) == 2:
+            assert t.tensor_type == T.F16, t.name
+
+
+def test_llama_cpp_runs_a_mixed_checkpoint_export_like_transformers(mixed_checkpoint):
+    """All 14 block types side by side in one file: llama.cpp must decode each as lighten does. The reference
+    runs the weights read back from the file."""
+    from lighten.checkpoint import load
+
+    checkpoint, _, path = mixed_checkpoint
+    model, _ = load(checkpoint)
+    back = read_back(path, model, permuted=True)
+    weights = {name: torch.from_numpy(w.copy()) for name, (_, w, _) in back.items()}
+    model.load_state_dict(weights, strict=False)  # the tied lm_head (not in the file) follows token_embd
+    _, ours, ref = llama_cpp_and_hf_logits(path, model, list(range(5, 25)))
+    # llama.cpp rounds activations to 8 bits in quantized matmuls.
+    assert np.abs(ours - ref).max() < 0.05, np.abs(ours - ref).max()
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf_checkpoints(smollm2, tmp_path_factory):
+    """spec → (checkpoint of smollm2-135m quantized to the GGUF type `spec`, its GGUF export), made once."""
+    from lighten.pipeline import quantize_to_dir
+
+    root, done = tmp_path_factory.mktemp("smollm2-gguf"), {}
+
+    def get(spec: str):
+        if spec not in done:
+            checkpoint = quantize_to_dir("smollm2-135m", spec, root / spec, loaded=smollm2)
+            done[spec] = checkpoint, export_gguf_from(checkpoint, root / f"{spec}.gguf")
+        return done[spec]
+
+    return get
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("spec", ["q8_0", "q4_0", "iq4_nl"])
+def test_smollm2_checkpoint_codes_go_into_the_file_exactly(smollm2_gguf_checkpoints, spec):
+    from lighten.export.gguf import checkpoint_blocks
+
+    checkpoint, path = smollm2_gguf_checkpoints(spec)
+    blocks = checkpoint_blocks(checkpoint)
+    assert len(blocks) == 30 * 7  # every linear but the tied lm_head
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    heads = {"q_proj": 9, "k_proj": 3}  # SmolLM2-135M's attention heads and key/value heads
+    for name, q in blocks.items():
+        t = tensors[gguf_tensor_name(name)]
+        assert t.tensor_type == formats.get(spec).ggml_type, name
+        n = next((n for part, n in heads.items() if part in name), None)
+        w = q.dequantize().numpy()
+        np.testing.assert_array_equal(
+            dequantize(t.data, t.tensor_type).reshape(w.shape), permute_rope(w, n) if n else w, err_msg=name
+        )
+    assert tensors["token_embd.weight"].tensor_type == T.Q8_0
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("spec", ["q4_0", "iq4_nl"])
+def test_llama_cpp_perplexity_of_the_export_equals_lightens(smollm2_gguf_checkpoints, spec):
+    """The same 1024 held-out tokens in windows of 512: llama.cpp on the file vs lighten's eval of the
+    checkpoint (dequantized, fp32). Only the embedding (Q8_0 in the file) and llama.cpp's 8-bit activations
+    in its quantized matmuls differ."""
+    from lighten.checkpoint import load
+    from lighten.eval import causal_fidelity, llamacpp_perplexity, token_windows, wiki_texts
+
+    checkpoint, path = smollm2_gguf_checkpoints(spec)
+    model, tokenizer = load(checkpoint)
+    texts = wiki_texts("evaluation")
+    ours = causal_fidelity(model, [], tokenizer, texts, n_tokens=1024, context=512)["reference"]["perplexity"]
+    theirs = llamacpp_perplexity(path, token_windows(tokenizer, texts, 1024, 512))
+    print(f"{spec}: lighten {ours:.4f}, llama.cpp {theirs:.4f}, {theirs / ours - 1:+.3%}")
+    assert abs(theirs / ours - 1) < 0.005

@@ -7,6 +7,7 @@ perplexity averages away (a candidate can match the reference's perplexity while
 Windows do not overlap, as in llama.cpp's `perplexity`, so each token costs one forward position."""
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +22,9 @@ def causal_fidelity(
 ) -> dict:
     """Perplexity of `reference` and of each candidate, and each candidate's mean KL(p_ref || p_cand).
 
-    The texts are joined with blank lines and tokenized once, without special tokens; the first `n_tokens`
-    tokens are cut into non-overlapping windows of `context` tokens (the last one may be shorter). Every
-    token of a window but the first is predicted from the tokens before it in the same window; both
-    measures are means over all these predicted tokens."""
-    if context < 2 or n_tokens < 2:
-        raise DataError(f"context ({context}) and n_tokens ({n_tokens}) must both be at least 2")
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    if len(ids) < n_tokens:
-        raise DataError(
-            f"the text has only {len(ids)} tokens, fewer than n_tokens={n_tokens}: "
-            "pass a longer text or ask for fewer tokens"
-        )
-    # A last window of a single token has nothing to predict.
-    windows = [w for w in torch.tensor(ids[:n_tokens]).split(context) if len(w) > 1]
+    The text is cut into windows by token_windows. Every token of a window but the first is predicted from
+    the tokens before it in the same window; both measures are means over all these predicted tokens."""
+    windows = token_windows(tokenizer, texts, n_tokens, context)
     for model in [reference, *candidates]:
         model.eval()
     ref_nll, nll, kl = 0.0, [0.0] * len(candidates), [0.0] * len(candidates)
@@ -55,6 +45,41 @@ def causal_fidelity(
         "n_tokens": n_tokens,
         "context": context,
     }
+
+
+def token_windows(
+    tokenizer, texts: list[str], n_tokens: int = 4096, context: int = 512
+) -> list[torch.Tensor]:
+    """The windows causal_fidelity scores: the texts joined with blank lines, tokenized once without special
+    tokens, the first `n_tokens` cut into non-overlapping windows of `context` (the last may be shorter)."""
+    if context < 2 or n_tokens < 2:
+        raise DataError(f"context ({context}) and n_tokens ({n_tokens}) must both be at least 2")
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < n_tokens:
+        raise DataError(
+            f"the text has only {len(ids)} tokens, fewer than n_tokens={n_tokens}: "
+            "pass a longer text or ask for fewer tokens"
+        )
+    # A last window of a single token has nothing to predict.
+    return [w for w in torch.tensor(ids[:n_tokens]).split(context) if len(w) > 1]
+
+
+def llamacpp_perplexity(gguf_path: str | Path, windows: list[torch.Tensor], threads: int = 2) -> float:
+    """Perplexity of a GGUF file run by llama.cpp on `windows` (token_windows), scored exactly as
+    causal_fidelity scores a model: each window evaluated from an empty cache, fp32 log-softmax of the
+    logits of every position but the last against the next token."""
+    from lighten.export.llamacpp import open_llama
+
+    context = max(len(w) for w in windows)
+    llm = open_llama(gguf_path, n_ctx=context, n_batch=context, n_threads=threads, logits_all=True)
+    nll, n = 0.0, 0
+    for window in track(windows, "llama.cpp perplexity"):
+        llm.reset()  # the next eval starts at position 0 and drops the cached keys and values
+        llm.eval(window.tolist())
+        logits = torch.from_numpy(llm.scores[: len(window) - 1])
+        nll += F.nll_loss(F.log_softmax(logits.float(), dim=-1), window[1:], reduction="sum").item()
+        n += len(window) - 1
+    return math.exp(nll / n)
 
 
 def _next_token_log_probs(model, window: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,14 @@
 Tensor names, metadata keys and the tokenizer fields follow llama.cpp's own converter (convert_hf_to_gguf).
 
 Which type each tensor gets:
+- A weight that a lighten checkpoint holds in one of GGUF's block types (formats q4_0 ... tq2_0) keeps that
+  type and its blocks byte for byte; q/k rows are only re-ordered for llama.cpp's rope (a row permutation of
+  the blocks). Mixed types per tensor stay mixed.
 - 1-D tensors (norms, biases) stay F32, as in llama.cpp.
-- Every matrix gets `qtype`, except that with a 4-bit qtype the output matrix (the token embedding when
-  it is tied) gets Q6_K, because llama-quantize does the same: the logits are the most sensitive product.
+- Every other matrix (everything from a plain model; embeddings, a kept lm_head and weights in lighten's
+  other formats from a checkpoint) gets `qtype`, by default Q8_0, except that with a 4-bit qtype the output
+  matrix (the token embedding when it is tied) gets Q6_K, because llama-quantize does the same: the logits
+  are the most sensitive product.
 - A matrix whose rows are not a whole number of the type's blocks (32 weights for Q8_0 / Q5_0 / Q4_0, 256
   for k-quants) falls back as llama-quantize does until one fits: Q6_K → Q8_0, Q4_K → Q5_0, 32-blocks → F16.
   SmolLM2's hidden size 576 = 18·32 is no multiple of 256, so in its k-quant exports only ffn_down (rows of
@@ -16,14 +21,19 @@ Which type each tensor gets:
 """
 
 import json
+import math
+from collections import Counter
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lighten import formats
 from lighten.atomic import atomic_file, check_output
 from lighten.errors import LightenError
+from lighten.formats import QuantizedTensor
+from lighten.formats.ggml import GGMLFormat
 
 # The gguf package is an optional extra (lighten[models]); importing it here keeps the error at one place.
 try:
@@ -89,37 +99,60 @@ PRE_TOKENIZERS = {
 def export_gguf_from(
     name_or_path: str | Path,
     out_file: str | Path,
-    qtype: str,
+    qtype: str | None = None,
     pre_tokenizer: str | None = None,
     force: bool = False,
 ) -> Path:
-    """export_gguf for a built-in name, a Hugging Face directory or a lighten checkpoint (dequantized)."""
+    """export_gguf for a built-in name, a Hugging Face directory or a lighten checkpoint. A checkpoint's
+    weights in GGUF block types are written as they are; the rest is dequantized and encoded as `qtype`."""
     from lighten.checkpoint import is_checkpoint, load
     from lighten.models import resolve
 
-    source = name_or_path if is_checkpoint(name_or_path) else resolve(name_or_path)
+    checkpoint = is_checkpoint(name_or_path)
+    source = name_or_path if checkpoint else resolve(name_or_path)
     check_output(out_file, force, inputs=[source], is_ours=is_lighten_gguf)  # before loading, not after
+    blocks = checkpoint_blocks(Path(name_or_path)) if checkpoint else {}
     model, tokenizer = load(name_or_path)
     name = Path(str(name_or_path)).name
-    return export_gguf(model, tokenizer, out_file, qtype, name, pre_tokenizer, force)
+    return export_gguf(model, tokenizer, out_file, qtype, name, pre_tokenizer, force, blocks)
+
+
+def checkpoint_blocks(path: Path) -> dict[str, QuantizedTensor]:
+    """{weight name: QuantizedTensor} of the checkpoint's weights stored in GGUF block types, as stored."""
+    from lighten.checkpoint import WEIGHTS, quantized_parts, read_manifest
+    from lighten.models.load import open_safetensors
+
+    manifest = read_manifest(path)
+    ggml = {n: i for n, i in manifest["tensors"].items() if isinstance(formats.get(i["spec"]), GGMLFormat)}
+    blocks = {}
+    with open_safetensors(path / WEIGHTS) as f:
+        quantized_parts(path, manifest, set(f.keys()))  # refuses a file that lacks one
+        for name, info in ggml.items():
+            parts = {key: f.get_tensor(f"{name}.{key}") for key in info["keys"]}
+            blocks[name] = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), parts)
+    return blocks
 
 
 def export_gguf(
     model,
     tokenizer,
     out_file: str | Path,
-    qtype: str,
+    qtype: str | None = None,
     name: str | None = None,
     pre_tokenizer: str | None = None,
     force: bool = False,
+    blocks: dict[str, QuantizedTensor] | None = None,
 ) -> Path:
     """Write `model` (LlamaForCausalLM or Qwen2ForCausalLM) with `tokenizer` as GGUF, atomically (an
     existing `out_file` only if `force`).
 
+    `blocks` maps weight names to their codes in GGUF block types (checkpoint_blocks): those are written
+    unchanged; every other matrix is encoded as `qtype` (default Q8_0), see the module docstring.
     `pre_tokenizer` names llama.cpp's pre-tokenizer for a tokenizer it does not recognise by hash (e.g.
     "gpt-2" for a plain GPT-2 style byte-level BPE); by default it is detected as llama.cpp's converter
     detects it."""
     check_output(out_file, force, is_ours=is_lighten_gguf)
+    qtype = qtype or "Q8_0"
     if qtype not in QTYPES:
         raise LightenError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
     cls = type(model).__name__
@@ -129,7 +162,7 @@ def export_gguf(
             "(export a lighten checkpoint instead)"
         )
     arch, permute = ARCHS[cls]
-    ggml_type, file_type = QTYPES[qtype]
+    blocks = blocks or {}
     config = model.config
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     # Tied models get no "output": llama.cpp then multiplies by token_embd, which so is the output matrix.
@@ -140,13 +173,15 @@ def export_gguf(
         writer.add_type("model")
         writer.add_name(writer_name)
         writer.add_quantized_by(QUANTIZED_BY)
-        writer.add_file_type(file_type)
+        writer.add_file_type(_file_type(qtype, blocks))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hparams(writer, config)
         _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
-        for gguf_name, weight in _gguf_tensors(model, permute, tied):
-            data_type = _tensor_type(gguf_name == output, weight, ggml_type)
-            writer.add_tensor(gguf_name, _encode(weight, data_type), raw_dtype=data_type)
+        for gguf_name, data, data_type in _gguf_tensors(model, permute, tied, blocks):
+            if data_type is None:  # not carried over: encode it
+                data_type = _tensor_type(gguf_name == output, data, QTYPES[qtype][0])
+                data = _encode(data, data_type)
+            writer.add_tensor(gguf_name, data, raw_dtype=data_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -163,19 +198,25 @@ def is_lighten_gguf(path: Path) -> bool:
     return field is not None and field.contents() == QUANTIZED_BY
 
 
-def _gguf_tensors(model, permute: bool, tied: bool):
-    """(GGUF name, float32 numpy array) for every weight, q/k rows re-ordered for llama.cpp's rope."""
+def _gguf_tensors(model, permute: bool, tied: bool, blocks: dict[str, QuantizedTensor]):
+    """(GGUF name, data, ggml type) for every weight: a weight in `blocks` as its blocks (uint8 rows) and
+    their type, any other as float32 with type None (to be encoded); q/k rows re-ordered for llama.cpp's
+    rope, which for blocks moves whole rows of bytes and so stays exact."""
     config = model.config
+    heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and tied:
             continue
         gguf_name = gguf_tensor_name(hf_name)
-        w = t.detach().to(torch.float32).cpu().numpy()
-        if permute and ".attn_q." in gguf_name:
-            w = permute_rope(w, config.num_attention_heads)
-        elif permute and ".attn_k." in gguf_name:
-            w = permute_rope(w, config.num_key_value_heads)
-        yield gguf_name, w
+        if hf_name in blocks:
+            q = blocks[hf_name]
+            data, data_type = q.tensors["blocks"].numpy(), formats.get(q.spec).ggml_type
+        else:
+            data, data_type = t.detach().to(torch.float32).cpu().numpy(), None
+        for part, n_heads in heads.items():
+            if permute and part in gguf_name:
+                data = permute_rope(data, n_heads)
+        yield gguf_name, data, data_type
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -204,6 +245,19 @@ def _tensor_type(is_output: bool, w: np.ndarray, qtype: T) -> T:
     while w.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         qtype = FALLBACK[qtype]
     return qtype
+
+
+def _file_type(qtype: str, blocks: dict[str, QuantizedTensor]) -> gguf.LlamaFileType:
+    """general.file_type (what llama.cpp reports as the model's type): that of `qtype`, or, when weights are
+    carried over, of the block type that holds the most of them (the k-quants as their "_S" mixes)."""
+    if not blocks:
+        return QTYPES[qtype][1]
+    counts = Counter()
+    for q in blocks.values():
+        counts[formats.get(q.spec).ggml_type.name] += math.prod(q.shape)
+    name = counts.most_common(1)[0][0]
+    members = gguf.LlamaFileType.__members__
+    return members.get(f"MOSTLY_{name}") or members[f"MOSTLY_{name}_S"]
 
 
 def _encode(w: np.ndarray, qtype: T) -> np.ndarray:
