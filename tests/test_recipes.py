@@ -60,7 +60,7 @@ def test_validation_names_the_key(data, message):
 @pytest.mark.parametrize(
     "data, algorithm, calibration",
     [
-        ({"format": "iq4_nl"}, "imatrix", (8192, 512)),  # llama.cpp's importance-weighted search
+        ({"format": "iq4_nl"}, "imatrix", (2048, 512)),  # llama.cpp's importance-weighted search
         ({"format": "Q4_K", "calibration": {"tokens": 64}}, "imatrix", (64, 512)),
         ({"format": "q8_0"}, "rtn", (512, 256)),  # llama.cpp ignores importance for q8_0 and tq*
         ({"format": "int4"}, "rtn", (512, 256)),

@@ -170,7 +170,7 @@ def quantize(
     skip: Annotated[list[str] | None, typer.Option(help="Regex of weights to keep (repeatable).")] = None,
     embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
     calibration_tokens: Annotated[
-        int | None, typer.Option(help="Calibration tokens (default 512; imatrix: 8192).")
+        int | None, typer.Option(help="Calibration tokens (default 512; imatrix: 2048).")
     ] = None,
     recipe: Annotated[str | None, typer.Option(help="A recipe YAML file or shipped recipe name.")] = None,
     imatrix: Annotated[
@@ -222,7 +222,9 @@ def quantize(
 def imatrix_(
     model: Annotated[str, typer.Argument(help="Built-in name or Hugging Face model dir (Llama, Qwen2).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The imatrix file to write (GGUF).")],
-    calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens, in windows of 512.")] = 8192,
+    calibration_tokens: Annotated[
+        int | None, typer.Option(help="Calibration tokens, in windows of 512 (default 2048).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
     """Collect llama.cpp's importance matrix (mean x² of every linear's inputs) for llama-quantize --imatrix

@@ -10,7 +10,7 @@
     budget:                          # optional: choose among candidates per weight under a size budget
       size: 4.5bits                  # or bytes: 60MB, 57.2MiB
       candidates: [int3:g128, int4:g128, int8:channel]
-    calibration: {tokens: 512, context: 256}  # default; imatrix: 8192 in windows of 512
+    calibration: {tokens: 512, context: 256}  # default; imatrix: 2048 in windows of 512
 
 Without `algorithm` a recipe runs imatrix (llama.cpp's importance-weighted search) when its format is a GGUF
 type that takes importance (q4_0, iq4_nl, q4_k, ...), rtn otherwise (registry.default_algorithm).
