@@ -49,11 +49,33 @@ def test_recipe_file_by_path_is_named_after_the_file(tmp_path):
         ({"format": "int4", "calibration": {"tokens": 1}}, "calibration.tokens: must be an integer >= 2"),
         ({"format": "int4", "embeddings": "yes"}, "embeddings: must be true or false"),
         (["format", "int4"], "a recipe is a mapping"),
+        ({"format": "int4", "algorithm": "imatrix"}, "algorithm: imatrix weighs the scale search of GGUF"),
     ],
 )
 def test_validation_names_the_key(data, message):
     with pytest.raises(LightenError, match=message):
         parse_recipe(data)
+
+
+@pytest.mark.parametrize(
+    "data, algorithm, calibration",
+    [
+        ({"format": "iq4_nl"}, "imatrix", (2048, 512)),  # llama.cpp's importance-weighted search
+        ({"format": "Q4_K", "calibration": {"tokens": 64}}, "imatrix", (64, 512)),
+        ({"format": "q8_0"}, "rtn", (512, 256)),  # llama.cpp ignores importance for q8_0 and tq*
+        ({"format": "int4"}, "rtn", (512, 256)),
+        ({"format": "iq4_nl", "algorithm": "awq"}, "awq", (512, 256)),
+        (
+            {"format": "int4", "algorithm": "imatrix", "rules": [{"pattern": "x", "format": "q4_0"}]},
+            "imatrix",
+            None,
+        ),
+    ],
+)
+def test_without_an_algorithm_the_format_chooses(data, algorithm, calibration):
+    recipe = parse_recipe(data)
+    assert recipe.algorithm == algorithm
+    assert calibration is None or (recipe.calibration.tokens, recipe.calibration.context) == calibration
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,13 @@ def quantize(
     format: Annotated[
         str | None, typer.Option("--format", "-f", help="Format spec: int4:g128, nf4, ...")
     ] = None,
-    algorithm: Annotated[str, typer.Option(help="rtn, mse (clip search), gptq or awq.")] = "rtn",
+    algorithm: Annotated[
+        str | None,
+        typer.Option(
+            help="rtn, mse (clip search), gptq, awq or imatrix (llama.cpp's importance-weighted search). "
+            "Default: imatrix for GGUF types that use it (q4_0, iq4_nl, q4_k, ...), rtn for the rest."
+        ),
+    ] = None,
     surgery: Annotated[
         str, typer.Option(help="Exact rewrites first, in order: fold,rmsnorm,rotate,smooth|osplus")
     ] = "",
@@ -163,8 +169,14 @@ def quantize(
     candidates: Annotated[str, typer.Option(help="Comma-separated specs the budget chooses from.")] = "",
     skip: Annotated[list[str] | None, typer.Option(help="Regex of weights to keep (repeatable).")] = None,
     embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
-    calibration_tokens: Annotated[int | None, typer.Option(help="Calibration tokens (default 512).")] = None,
+    calibration_tokens: Annotated[
+        int | None, typer.Option(help="Calibration tokens (default 512; imatrix: 2048).")
+    ] = None,
     recipe: Annotated[str | None, typer.Option(help="A recipe YAML file or shipped recipe name.")] = None,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(help="A llama.cpp imatrix file (GGUF or .dat) for algorithm imatrix: no calibration."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
     """Quantize and save packed codes + scales: a recipe, or a format (+ algorithm, surgery, budget)."""
@@ -176,7 +188,7 @@ def quantize(
             raise LightenError("give the budget once: --budget SIZE or --bits N, not both")
         budget = f"{bits}bits"
     if recipe is not None:
-        if format or surgery or budget or candidates or skip or embeddings or algorithm != "rtn":
+        if format or surgery or budget or candidates or skip or embeddings or algorithm:
             raise LightenError(
                 "--recipe describes the whole job: drop --format/--algorithm/--surgery/--budget/..."
             )
@@ -196,7 +208,7 @@ def quantize(
         )
     from lighten.checkpoint import read_manifest
 
-    path = quantize_to_dir(model, plan, output, force=force)
+    path = quantize_to_dir(model, plan, output, force=force, imatrix=imatrix)
     if table := read_manifest(path)["allocation"]:
         _print_table(
             "allocation",
@@ -204,6 +216,22 @@ def quantize(
             [[r["name"], r["format"], str(r["bytes"]), f"{r['sensitivity']:.3g}"] for r in table],
         )
     out.print(f"wrote {path}")
+
+
+@app.command("imatrix")
+def imatrix_(
+    model: Annotated[str, typer.Argument(help="Built-in name or Hugging Face model dir (Llama, Qwen2).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The imatrix file to write (GGUF).")],
+    calibration_tokens: Annotated[
+        int | None, typer.Option(help="Calibration tokens, in windows of 512 (default 2048).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
+):
+    """Collect llama.cpp's importance matrix (mean x² of every linear's inputs) for llama-quantize --imatrix
+    or lighten quantize --imatrix."""
+    from lighten.pipeline import imatrix_to_file
+
+    out.print(f"wrote {imatrix_to_file(model, output, calibration_tokens, force)}")
 
 
 def _csv(text: str) -> tuple[str, ...]:

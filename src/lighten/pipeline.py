@@ -9,7 +9,8 @@ import torch
 
 from lighten.algorithms.activations import collect_input_stats
 from lighten.algorithms.calibrate import calibrate_model
-from lighten.algorithms.registry import get_algorithm
+from lighten.algorithms.imatrix import collect_imatrix, importance_for, read_imatrix, write_imatrix
+from lighten.algorithms.registry import DEFAULT_CALIBRATION, get_algorithm
 from lighten.atomic import check_output, make_output_dir
 from lighten.checkpoint import is_checkpoint, load, require_reloadable, save_checkpoint
 from lighten.errors import LightenError, ModelError
@@ -17,7 +18,7 @@ from lighten.eval.compare import evaluate
 from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
 from lighten.export.compressed_tensors import export_compressed_tensors
-from lighten.export.gguf import export_gguf_from
+from lighten.export.gguf import export_gguf_from, is_lighten_gguf
 from lighten.models import load_model, model_kind, open_weights, resolve
 from lighten.models.limits import max_positions
 from lighten.plan import budget_plan, plan_from_recipe
@@ -30,19 +31,26 @@ DEMO_FORMATS = ("int8:channel", "int4:g128", "fp8_e4m3", "mxfp4", "nf4", "ternar
 
 
 def quantize_to_dir(
-    model_name: str, recipe: Recipe | str, out_dir: str | Path, force: bool = False, loaded=None
+    model_name: str,
+    recipe: Recipe | str,
+    out_dir: str | Path,
+    force: bool = False,
+    loaded=None,
+    imatrix: str | Path | None = None,
 ) -> Path:
-    """Run a recipe (or, given a format spec string, plain RTN to that format) on a model and save the
-    checkpoint: exact surgery, then the plan (rules, or sensitivity + ILP under a budget), then the
-    algorithm. Calibration text is the calibration split of the Wikipedia summaries. A `loaded` (model,
-    tokenizer) is left unmodified. Returns the checkpoint directory; a budget's allocation table is in its
-    manifest (read_manifest(path)["allocation"])."""
+    """Run a recipe (or, given a format spec string, that format with its default algorithm: imatrix for
+    GGUF types, else RTN) on a model and save the checkpoint: exact surgery, then the plan (rules, or
+    sensitivity + ILP under a budget), then the algorithm. Calibration text is the calibration split of the
+    Wikipedia summaries; algorithm imatrix takes its importance from a llama.cpp `imatrix` file instead
+    when given one. A `loaded` (model, tokenizer) is left unmodified. Returns the checkpoint directory; a
+    budget's allocation table is in its manifest (read_manifest(path)["allocation"])."""
     check_output(out_dir, force, inputs=[resolve(model_name)])  # fail now, not after the calibration
     if isinstance(recipe, str):
         recipe = recipe_from_options(recipe)
     algorithm = get_algorithm(recipe.algorithm)
+    entries = _read_imatrix_for(recipe, imatrix) if imatrix is not None else None
     model, tokenizer = loaded or load_model(model_name)
-    calibrates = recipe.surgery or recipe.budget or algorithm.needs_data
+    calibrates = recipe.surgery or recipe.budget or (algorithm.needs_data and entries is None)
     if loaded and calibrates:
         model = copy.deepcopy(model)
     texts = wiki_texts("calibration") if calibrates else []
@@ -59,9 +67,40 @@ def quantize_to_dir(
     )
     # Without surgery the model still equals its files, and its weights are read from them (a block at a
     # time when calibrating) rather than from its mapped file, whose pages would all stay in RSS.
+    importance = importance_for(model, plan, entries, imatrix) if entries is not None else None
     with contextlib.nullcontext() if recipe.surgery else open_weights(model_name) as weights:
-        quantized = calibrate_model(model, tokenizer, texts, plan, algorithm, tokens, context, weights)
+        quantized = calibrate_model(
+            model, tokenizer, texts, plan, algorithm, tokens, context, weights, importance
+        )
     return save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
+
+
+def _read_imatrix_for(recipe: Recipe, path: str | Path) -> dict:
+    """The entries of an imatrix file, if `recipe` can use them; LightenError saying why not otherwise."""
+    if recipe.algorithm != "imatrix":
+        raise LightenError(
+            f"--imatrix is read by algorithm imatrix, not {recipe.algorithm}: quantize to a GGUF type "
+            "(q4_0, iq4_nl, q4_k, ...) without --algorithm, or with --algorithm imatrix"
+        )
+    if recipe.surgery:
+        raise LightenError(
+            "--imatrix describes the inputs of the model as it is, which --surgery changes: drop one of them"
+        )
+    return read_imatrix(path)
+
+
+def imatrix_to_file(model_name: str, out_file: str | Path, n_tokens: int | None = None, force: bool = False):
+    """Collect llama.cpp's importance matrix of a model (Llama / Qwen2) on the calibration split and write it
+    as llama-imatrix's GGUF file, for `llama-quantize --imatrix` or `lighten quantize --imatrix`."""
+    check_output(out_file, force, inputs=[resolve(model_name)], is_ours=is_lighten_gguf)
+    calibration = DEFAULT_CALIBRATION["imatrix"]
+    n_tokens = n_tokens or calibration["tokens"]
+    model, tokenizer = load_model(model_name)
+    sums, counts = collect_imatrix(
+        model, tokenizer, wiki_texts("calibration"), n_tokens, calibration["context"]
+    )
+    dataset = f"lighten: Wikipedia calibration split, {n_tokens} tokens"
+    return write_imatrix(out_file, sums, counts, calibration["context"], dataset, force)
 
 
 def export_model(

@@ -25,9 +25,11 @@ def quantize_weights(
     plan: dict[str, str],
     weights: WeightReader | None = None,
     quantize_weight: Callable = RTN.quantize_weight,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedTensor]:
     """Each planned weight quantized on its own, as an [out, in] matrix, by `quantize_weight` (of an
-    Algorithm that collects nothing: round to nearest by default). `weights` (a reader from
+    Algorithm that collects nothing: round to nearest by default, or of one given its statistic per weight
+    name up front in `stats`). `weights` (a reader from
     lighten.models.open_weights, for a model that still equals its files) reads each weight from the files
     instead: the model's own may be pages of a mapped file, which stay in RSS once touched."""
     quantized = {}
@@ -39,7 +41,7 @@ def quantize_weights(
         w = w.detach().float()
         if is_transposed(model, name):
             w = w.t()
-        quantized[name] = quantize_weight(w, formats.get(plan[name]), None)
+        quantized[name] = quantize_weight(w, formats.get(plan[name]), (stats or {}).get(name))
     return quantized
 
 

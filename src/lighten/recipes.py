@@ -2,7 +2,7 @@
 
     name: int4-g128-keep-sensitive
     surgery: [fold]                  # lighten.surgery.SURGERY_STEPS, applied in order by apply_surgery
-    algorithm: gptq                  # rtn | mse | gptq | awq
+    algorithm: gptq                  # rtn | mse | gptq | awq | imatrix; default: by format (below)
     format: int4:g128                # default spec for every planned weight
     embeddings: false                # also quantize embedding tables (tied lm_heads follow them)
     rules:                           # first match wins; `keep` leaves a weight in full precision
@@ -10,8 +10,10 @@
     budget:                          # optional: choose among candidates per weight under a size budget
       size: 4.5bits                  # or bytes: 60MB, 57.2MiB
       candidates: [int3:g128, int4:g128, int8:channel]
-    calibration: {tokens: 512, context: 256}
+    calibration: {tokens: 512, context: 256}  # default; imatrix: 2048 in windows of 512
 
+Without `algorithm` a recipe runs imatrix (llama.cpp's importance-weighted search) when its format is a GGUF
+type that takes importance (q4_0, iq4_nl, q4_k, ...), rtn otherwise (registry.default_algorithm).
 In a rule pattern `{last}` stands for the index of the model's last block, so one recipe fits models of
 any depth. lm_head stays in full precision unless a rule names it (lighten.plan.DEFAULT_SKIP).
 `load_recipe("budget-4.5bits")` reads a shipped recipe; a path reads the user's own.
@@ -28,9 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from lighten.algorithms.registry import ALGORITHMS
+from lighten.algorithms.registry import ALGORITHMS, DEFAULT_CALIBRATION, default_algorithm
 from lighten.errors import LightenError, SpecError
-from lighten.formats.spec import canonical
+from lighten.formats.spec import IMPORTANCE_WEIGHTED, canonical
 from lighten.surgery import SURGERY_STEPS
 
 KEEP = "keep"
@@ -138,7 +140,7 @@ def parse_recipe(data, default_name: str = "recipe", where: str = "recipe") -> R
     for i, step in enumerate(surgery):
         if step not in SURGERY_STEPS:
             fail(f"surgery[{i}]", f"unknown step {step!r}; known: {', '.join(SURGERY_STEPS)}")
-    algorithm = data.get("algorithm", "rtn")
+    algorithm = data.get("algorithm") or default_algorithm(spec("format", data["format"]))
     if algorithm not in ALGORITHMS:
         fail("algorithm", f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     if not isinstance(data.get("embeddings", False), bool):
@@ -176,22 +178,30 @@ def parse_recipe(data, default_name: str = "recipe", where: str = "recipe") -> R
     for key, value in calibration.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 2:
             fail(f"calibration.{key}", f"must be an integer >= 2, got {value!r}")
+    specs = [spec("format", data["format"]), *(r.format for r in rules)]
+    specs += budget.candidates if budget else ()
+    if algorithm == "imatrix" and not set(specs) & set(IMPORTANCE_WEIGHTED):
+        fail(
+            "algorithm",
+            "imatrix weighs the scale search of GGUF types (q4_0, iq4_nl, q4_k, ...) and this recipe has "
+            "none: use one of them, or another algorithm",
+        )
     return Recipe(
         name=data.get("name", default_name),
-        format=spec("format", data["format"]),
+        format=specs[0],
         algorithm=algorithm,
         description=data.get("description", ""),
         surgery=tuple(surgery),
         embeddings=data.get("embeddings", False),
         rules=tuple(rules),
         budget=budget,
-        calibration=Calibration(**calibration),
+        calibration=Calibration(**{**DEFAULT_CALIBRATION.get(algorithm, {}), **calibration}),
     )
 
 
 def recipe_from_options(
     format: str,
-    algorithm: str = "rtn",
+    algorithm: str | None = None,
     surgery: tuple[str, ...] = (),
     keep: tuple[str, ...] = (),
     embeddings: bool = False,
@@ -200,7 +210,7 @@ def recipe_from_options(
     calibration_tokens: int | None = None,
 ) -> Recipe:
     """The recipe that command-line options describe, validated like a file: `keep` regexes become
-    {pattern, keep} rules; a budget needs candidates."""
+    {pattern, keep} rules; a budget needs candidates; no algorithm means the format's default."""
     data = {
         "name": "command line",
         "format": format,

@@ -2,8 +2,9 @@
 
 Capture what block 0 receives for each calibration window (hidden states plus the keyword arguments the
 model passes its blocks: attention mask, rotary cos/sin, ...), then for each block in turn: run it to
-gather what its linears need (GPTQ: input Hessians; AWQ: input samples), quantize its planned linears,
-write the dequantized weights back, and run it again to make the next block's inputs. Each block thus
+gather what its linears need (GPTQ: input Hessians; AWQ: input samples; imatrix: mean x² of each input),
+quantize its planned linears, write the dequantized weights back, and run it again to make the next
+block's inputs. Each block thus
 calibrates on the outputs of the already-quantized blocks before it, as GPTQ does, and memory holds one
 block's activations for all windows rather than the whole model's.
 """
@@ -17,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from lighten import formats
 from lighten.algorithms.activations import token_windows
 from lighten.algorithms.awq import norms_to_fold
-from lighten.algorithms.registry import HESSIAN, Algorithm, get_algorithm
+from lighten.algorithms.registry import HESSIAN, IMPORTANCE, Algorithm, get_algorithm
 from lighten.formats import QuantizedTensor
 from lighten.models import WeightReader
 from lighten.models.arch import Block, NormGroup, model_view, weight_out_in
@@ -44,6 +45,7 @@ def calibrate_model(
     n_tokens: int = 8192,
     context: int = 512,
     weights: WeightReader | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedTensor]:
     """Quantize every planned weight ([out, in], like quantize_weights) with `algorithm` (a name in
     lighten.algorithms.registry.ALGORITHMS, or an Algorithm), calibrated on the first `n_tokens` tokens of
@@ -60,17 +62,23 @@ def calibrate_model(
     streams the blocks: each block's tensors are read when its turn comes and its planned weights dropped
     (to the meta device) once it has made the next block's inputs, so that one block's weights are in
     memory at a time instead of the whole model's. An algorithm that collects nothing reads one weight at
-    a time and leaves the model as it was."""
+    a time and leaves the model as it was.
+
+    `importance` ({weight name: mean x² per input column}, e.g. from a llama.cpp imatrix file, see
+    lighten.algorithms.imatrix) gives an algorithm that collects IMPORTANCE its statistic up front: then it
+    reads no text either, and a planned weight without an entry gets importance None."""
     if isinstance(algorithm, str):
         algorithm = get_algorithm(algorithm)
+    if importance is not None and algorithm.collects != IMPORTANCE:
+        raise ValueError(f"{algorithm.name} does not read importance; it collects {algorithm.collects}")
     view = model_view(model)
     if algorithm.rescale_group and not norms_to_fold(view, algorithm.name):
         algorithm = get_algorithm("rtn")
     in_blocks = tuple(f"{_layer(model, block)[0]}." for block in view.blocks)
     rest = {name: spec for name, spec in plan.items() if not name.startswith(in_blocks)}
-    if not algorithm.needs_data:
+    if not algorithm.needs_data or importance is not None:
         blocks = {name: spec for name, spec in plan.items() if name not in rest}
-        quantized = quantize_weights(model, blocks, weights, algorithm.quantize_weight)
+        quantized = quantize_weights(model, blocks, weights, algorithm.quantize_weight, importance)
         quantized |= quantize_weights(model, rest, weights)
         if weights is None:
             _write_back(model, quantized)
@@ -90,6 +98,8 @@ def calibrate_model(
         groups = (block.attn, block.mlp)
         if algorithm.collects == HESSIAN:
             stats = _hessians(layer, inputs, linears)
+        elif algorithm.collects == IMPORTANCE:
+            stats = _importance(layer, inputs, linears)
         else:
             stats = _input_samples(layer, inputs, groups)
         if algorithm.rescale_group:
@@ -169,20 +179,34 @@ def _run(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.
 
 def _hessians(layer: nn.Module, inputs: list, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / n of each linear's inputs X [n tokens, in] over all windows (GPTQ's Hessian)."""
-    width = {name: weight_out_in(m).shape[1] for name, m in linears.items()}
-    sums = {name: torch.zeros(k, k) for name, k in width.items()}
+    sums, n = _input_sums(
+        layer, inputs, linears, lambda k: torch.zeros(k, k), lambda s, x: s.addmm_(x.t(), x)
+    )
+    return {name: 2 * sums[name] / n[name] for name in linears}
+
+
+def _importance(layer: nn.Module, inputs: list, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """mean x² of each input column of each linear over all windows' tokens: llama.cpp's imatrix entry, and
+    half the Hessian's diagonal, without its in² cost."""
+    sums, n = _input_sums(layer, inputs, linears, torch.zeros, lambda s, x: s.add_(x.square().sum(0)))
+    return {name: sums[name] / n[name] for name in linears}
+
+
+def _input_sums(layer: nn.Module, inputs: list, linears: dict[str, nn.Module], zeros, add) -> tuple:
+    """({linear: zeros(in) + add(it, X) for its inputs X [tokens, in] per window}, {linear: tokens})."""
+    sums = {name: zeros(weight_out_in(m).shape[1]) for name, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
 
     def hook(name):
         def accumulate(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name].addmm_(x.t(), x)
+            add(sums[name], x)
             counts[name] += len(x)
 
         return accumulate
 
     _forward_with_hooks(layer, inputs, {m: hook(name) for name, m in linears.items()})
-    return {name: 2 * sums[name] / counts[name] for name in linears}
+    return sums, counts
 
 
 def _input_samples(layer: nn.Module, inputs: list, groups: tuple[NormGroup, ...]) -> dict[str, torch.Tensor]:

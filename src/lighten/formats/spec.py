@@ -13,6 +13,8 @@ MX = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8")
 # GGUF's block types: fixed blocks, no options. Their numerics: lighten.formats.ggml.TYPES.
 GGML = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GGML += ("tq1_0", "tq2_0")
+# The GGUF types whose llama.cpp quantizer takes an importance matrix (q8_0 and tq* ignore it).
+IMPORTANCE_WEIGHTED = tuple(t for t in GGML if t not in ("q8_0", "tq1_0", "tq2_0"))
 
 # NAME -> default granularity. int8 and fp8 have enough levels for one scale per output
 # channel; narrower ints get the usual g128. fp6/fp4 get g32, the MX block size, so that e.g.
