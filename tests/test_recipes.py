@@ -27,7 +27,7 @@ def test_recipe_file_by_path_is_named_after_the_file(tmp_path):
         ("fold", "rotate"),
         "gptq",
     )
-    assert (recipe.calibration.tokens, recipe.calibration.context) == (64, 256)
+    assert (recipe.calibration.tokens, recipe.calibration.context) == (64, 512)  # gptq: windows of 512
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,8 @@ def test_validation_names_the_key(data, message):
         ({"format": "Q4_K", "calibration": {"tokens": 64}}, "imatrix", (64, 512)),
         ({"format": "q8_0"}, "rtn", (512, 256)),  # llama.cpp ignores importance for q8_0 and tq*
         ({"format": "int4"}, "rtn", (512, 256)),
-        ({"format": "iq4_nl", "algorithm": "awq"}, "awq", (512, 256)),
+        ({"format": "iq4_nl", "algorithm": "awq"}, "awq", (65536, 512)),
+        ({"format": "q4_k", "algorithm": "gptq"}, "gptq", (65536, 512)),  # 128 windows of 512
         (
             {"format": "int4", "algorithm": "imatrix", "rules": [{"pattern": "x", "format": "q4_0"}]},
             "imatrix",

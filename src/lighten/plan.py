@@ -18,6 +18,7 @@ from lighten.errors import LightenError
 from lighten.recipes import KEEP, Recipe, parse_budget, recipe_from_options
 
 DEFAULT_SKIP = ("lm_head",)
+PROBE_TOKENS = 2048
 
 
 def make_plan(model: nn.Module, spec: str, embeddings: bool = False) -> dict[str, str]:
@@ -79,12 +80,13 @@ def budget_plan(model: nn.Module, tokenizer, recipe: Recipe, texts: list[str]) -
         raise LightenError(f"recipe {recipe.name!r} has no budget: use plan_from_recipe")
     candidates = budget_candidates(model, recipe)
     probed = {name: specs for name, specs in candidates.items() if len(specs) > 1}
+    # Each of the (weights x candidates) probes runs all its tokens: at most PROBE_TOKENS of the calibration.
     costs = layer_sensitivity(
         model,
         tokenizer,
         texts,
         probed,
-        n_tokens=recipe.calibration.tokens,
+        n_tokens=min(recipe.calibration.tokens, PROBE_TOKENS),
         context=recipe.calibration.context,
     )
     # A weight a rule fixes has one option, so its cost is the same in every plan: 0 changes no choice.

@@ -1,5 +1,6 @@
 """GPTQ against round-to-nearest on layers with known answers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,8 +86,41 @@ def test_double_quantized_scales_are_refused():
     w, _, H = _layer()
     with pytest.raises(LightenError, match="nf4"):
         gptq_quantize_layer(w, H, formats.get("nf4:dq"))
-    with pytest.raises(LightenError, match="GGUF block type picks its own scales"):
-        gptq_quantize_layer(w, H, formats.get("q4_0"))
+    with pytest.raises(LightenError, match="tq1_0: it has no scale search"):
+        gptq_quantize_layer(torch.randn(8, 256), torch.eye(256), formats.get("tq1_0"))
+
+
+GGUF = ["q4_0", "q4_1", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "q3_k", "q4_k", "q6_k"]
+
+
+def _gguf_layer(seed=0, out=16, k=512, tokens=1500):
+    """Correlated inputs whose columns differ in scale, so that importance and compensation both matter."""
+    w, x, _ = _layer(seed, out, k, tokens)
+    x = x / k**0.5 * torch.exp(torch.randn(k, generator=torch.Generator().manual_seed(seed + 7)))
+    return w, x, 2 * x.t() @ x / tokens
+
+
+@pytest.mark.parametrize("name", GGUF)
+def test_identity_hessian_rounds_each_block_into_its_own_grid(name):
+    # No error worth compensating: every block is llama.cpp's search (all columns alike) on the original
+    # weights, each weight rounded to the nearest value of that grid.
+    fmt, w = formats.get(name), _gguf_layer()[0]
+    q = gptq_quantize_layer(w, torch.eye(512), fmt, block_size=64)
+    block = fmt.block_size
+    blocks = [w[:, c : c + block] for c in range(0, 512, block)]
+    expected = [fmt.grid(b).packed(fmt.grid(b).encode(b.numpy())) for b in blocks]
+    assert np.array_equal(q.tensors["blocks"].numpy(), np.concatenate(expected, 1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("name", GGUF)
+def test_gguf_output_error_below_the_importance_weighted_search(name, act_order):
+    fmt, (w, x, H) = formats.get(name), _gguf_layer(1)
+    q = gptq_quantize_layer(w, H, fmt, act_order=act_order)
+    again = QuantizedTensor.from_tensors(q.spec, q.shape, q.tensors)  # valid GGUF blocks of the right size
+    assert torch.equal(again.dequantize(), q.dequantize())
+    imatrix = fmt.quantize(w, importance=H.diagonal()) if name != "q8_0" else fmt.quantize(w)
+    assert _output_error(w, q, x) < 0.9 * _output_error(w, imatrix, x)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 
 from lighten.errors import SpecError
 from lighten.formats import QuantizedTensor, get
-from lighten.formats.ggml import IQ4NL, TYPES
+from lighten.formats.ggml import IQ4NL, NO_GRID, TYPES
 from lighten.formats.spec import GGML, canonical
 
 GGUF_QUANTIZES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "tq1_0", "tq2_0"]  # gguf.quants has an encoder
@@ -100,6 +100,34 @@ def test_importance_lowers_the_weighted_error(name):
     w, imp = weights(seed=3), importance()
     fmt = get(name)
     assert rel_error(w, fmt.fake_quantize(w, imp), imp) < 0.9 * rel_error(w, fmt.fake_quantize(w), imp)
+
+
+GRIDDED = [name for name in GGML if name not in NO_GRID]
+
+
+@pytest.mark.parametrize("name", GRIDDED)
+def test_grid_holds_the_searched_bytes_and_rounds_to_its_nearest_value(name):
+    w, imp = weights(seed=4), importance()
+    fmt = get(name)
+    grid = fmt.grid(w, imp)
+    searched = fmt.quantize(w, imp) if name != "q8_0" else fmt.quantize(w)  # q8_0 ignores importance
+    assert np.array_equal(grid.packed(), searched.tensors["blocks"].numpy())
+    # GPTQ's rounding: any values in place of w, here w perturbed, get codes whose grid values gguf decodes
+    # from the packed bytes, and no other code of the book is nearer.
+    x = (w + 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))).numpy()
+    codes = grid.encode(x)
+    decoded = gguf.quants.dequantize(grid.packed(codes), TYPES[name][0]).reshape(x.shape)
+    np.testing.assert_allclose(grid.values(codes), decoded, rtol=1e-6, atol=1e-12)
+    candidates = np.stack([grid.values(np.full(x.shape, c, np.uint8)) for c in range(len(grid.levels))])
+    nearest = np.abs(candidates - x).min(0)
+    assert (np.abs(grid.values(codes) - x) <= nearest * (1 + 1e-6) + 1e-12).all()
+    # Columns are addressed by position: a slice of the columns rounds as the whole does.
+    assert np.array_equal(grid.encode(x[:, 40:300], first=40), codes[:, 40:300])
+
+
+def test_ternary_types_have_no_grid():
+    with pytest.raises(SpecError, match="no scale search"):
+        get("tq2_0").grid(weights())
 
 
 def test_importance_is_one_weight_per_input_column():

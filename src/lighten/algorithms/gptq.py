@@ -8,12 +8,15 @@ of H^-1 the updates of all later steps read off one row each. Updates are applie
 of columns immediately, to the columns after the block once per block (one matmul).
 """
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from lighten.algorithms.registry import HESSIAN, Algorithm
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
-from lighten.formats.ggml import GGML_SCALES, GGMLFormat
+from lighten.formats.ggml import NO_GRID, BlockGrid, GGMLFormat
 from lighten.progress import note
 
 DAMP_RETRIES = 3  # a failed Cholesky factorization is retried with 10x, 100x, 1000x the damping
@@ -22,20 +25,22 @@ DAMP_RETRIES = 3  # a failed Cholesky factorization is retried with 10x, 100x, 1
 def gptq_quantize_layer(
     w: torch.Tensor,
     H: torch.Tensor,
-    fmt: Format,
+    fmt: Format | GGMLFormat,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
 ) -> QuantizedTensor:
     """GPTQ of w [out, in] given the input Hessian H [in, in] (2 X^T X / n): a QuantizedTensor of `fmt`
-    (any zoo format but nf4:dq) laid out exactly as fmt.quantize would. A group's scale is chosen by
-    fmt's rule when the quantizer reaches the group's first column, from the weights as updated so far.
-    With act_order the columns go in order of decreasing H_ii (most salient first) and the scales are
-    fixed up front from the original weights ("static groups"), so each group keeps one scale whatever
-    order its columns come in."""
-    if isinstance(fmt, GGMLFormat):
-        raise LightenError(f"GPTQ cannot produce {fmt.name}: {GGML_SCALES}")
-    if fmt.dq:
+    (any zoo format but nf4:dq and the ternary GGUF types) laid out exactly as fmt.quantize would. A group's
+    scale is chosen by fmt's rule when the quantizer reaches the group's first column, from the weights as
+    updated so far; for a GGUF type a group is one block (32 or 256 columns) and its scales come from
+    llama.cpp's search weighted by diag(H) (the imatrix of these inputs), each column then rounded to the
+    nearest value of its block's grid. With act_order the columns go in order of decreasing H_ii (most
+    salient first) and the scales are fixed up front from the original weights ("static groups"), so each
+    group keeps one scale whatever order its columns come in."""
+    if fmt.name in NO_GRID:
+        raise LightenError(f"GPTQ cannot produce {fmt.name}: it has no scale search to round into; use rtn")
+    if getattr(fmt, "dq", False):
         raise LightenError(
             f"GPTQ cannot produce {fmt.name}: its double quantization couples the scales of all groups, "
             "which are chosen one group at a time here. Use nf4 (or any format without :dq)."
@@ -48,11 +53,12 @@ def gptq_quantize_layer(
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    fix_group = _gguf_groups(fmt, H.diagonal() * ~dead) if isinstance(fmt, GGMLFormat) else _zoo_groups(fmt)
     # S holds, for each group, the weights its scale was computed from.
     S = W.clone()
-    group_scales = {}  # first column of a group -> its scale buffers
+    groups = {}  # first column of a group -> round(values [out], column in group) -> its grid's values
     if act_order:
-        group_scales = {c: fmt.quantize(W[:, c : c + g]).scale_buffers() for c in range(0, k, g)}
+        groups = {c: fix_group(W[:, c : c + g], c) for c in range(0, k, g)}
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
 
@@ -70,15 +76,49 @@ def gptq_quantize_layer(
             if not act_order and c % g == 0:
                 # Blocks never split a group (see _block_starts), so these columns are fully updated.
                 S[:, c : c + g] = Wt[c : c + g].t()
-                group_scales[c] = fmt.quantize(S[:, c : c + g]).scale_buffers()
+                groups[c] = fix_group(S[:, c : c + g], c)
             U[i1 + i] = W1[i]
-            q = fmt.quantize(W1[i, :, None], scales=group_scales[c - c % g]).dequantize()[:, 0]
+            q = groups[c - c % g](W1[i], c % g)
             Err1[i] = (W1[i] - q) / Hinv1[i, i]
             W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
         Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
 
     # Encoding is elementwise given the scales, so this returns exactly the codes rounded above.
-    return fmt.quantize(U.t()[:, torch.argsort(perm)], scales=fmt.quantize(S).scale_buffers())
+    U = U.t()[:, torch.argsort(perm)]
+    if isinstance(fmt, GGMLFormat):
+        blocks = [
+            groups[c].grid.packed(groups[c].grid.encode(U[:, c : c + g].numpy())) for c in range(0, k, g)
+        ]
+        return QuantizedTensor(
+            fmt.name, tuple(w.shape), {"blocks": torch.from_numpy(np.concatenate(blocks, 1))}
+        )
+    return fmt.quantize(U, scales=fmt.quantize(S).scale_buffers())
+
+
+def _zoo_groups(fmt: Format):
+    """fix(weights of a group [out, g], first column) -> round(column [out], j): the column rounded with
+    the scales fmt's rule picks for those weights."""
+
+    def fix(ws: torch.Tensor, first: int):
+        scales = fmt.quantize(ws).scale_buffers()
+        return lambda x, j: fmt.quantize(x[:, None], scales=scales).dequantize()[:, 0]
+
+    return fix
+
+
+@dataclass(frozen=True)
+class _BlockRounder:
+    grid: BlockGrid
+
+    def __call__(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        column = x.numpy()[:, None]
+        return torch.from_numpy(self.grid.values(self.grid.encode(column, j), j)[:, 0])
+
+
+def _gguf_groups(fmt: GGMLFormat, importance: torch.Tensor):
+    """fix(weights of a block [out, block], first column) -> round(column [out], j): the column rounded to
+    the nearest value of the grid llama.cpp's search (weighted by `importance` [in]) picks for the block."""
+    return lambda ws, first: _BlockRounder(fmt.grid(ws, importance[first : first + ws.shape[1]]))
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -32,7 +32,13 @@ ALGORITHMS = {
 # Calibration an algorithm reads unless a recipe says otherwise (lighten.recipes.Calibration otherwise).
 # imatrix: llama-imatrix's chunks of 512, 4 of them rather than its ~100: on smollm2-135m they keep 97 % of
 # the KL gain over RTN that 16 chunks give, at a quarter of the forward passes (README, Calibration).
-DEFAULT_CALIBRATION = {"imatrix": {"tokens": 2048, "context": 512}}
+# gptq, awq: 128 windows of 512, the scale of the published runs; with 4 windows GPTQ fitted the
+# calibration text and lost to RTN on held-out text (README, Calibration).
+DEFAULT_CALIBRATION = {
+    "imatrix": {"tokens": 2048, "context": 512},
+    "gptq": {"tokens": 128 * 512, "context": 512},
+    "awq": {"tokens": 128 * 512, "context": 512},
+}
 
 
 @dataclass(frozen=True)

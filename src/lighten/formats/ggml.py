@@ -29,6 +29,7 @@ stays unchanged, as in C where it stops.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ from gguf import quants
 
 from lighten.errors import SpecError
 from lighten.formats.format import QuantizedTensor
+from lighten.formats.spec import IMPORTANCE_WEIGHTED
 
 QK_K = 256
 EPS = 1e-15  # ggml's GROUP_MAX_EPS: a block whose absmax is below it is all zeros
@@ -66,8 +68,55 @@ TYPES = {
 # Why the algorithms that hand a format their own scales (quantize(x, scales=...)) cannot target these types.
 GGML_SCALES = (
     "a GGUF block type picks its own scales and mins with llama.cpp's search (optionally "
-    "importance-weighted); use algorithm rtn (or awq)"
+    "importance-weighted); use algorithm imatrix, gptq or awq"
 )
+# Types whose llama.cpp encoder without importance (or ignoring it: q8_0, tq*) is its *_ref rounding, which
+# gguf implements: quantize calls gguf for them. The ternary ones have no search whose grid GPTQ could use.
+REFERENCE = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "tq1_0", "tq2_0")
+NO_GRID = ("tq1_0", "tq2_0")
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """What a type's search stored for rows of whole blocks, and the values it makes representable: element j
+    of sub-block s can be step[..., s] * levels[code] + offset[..., s] for a code indexing `levels`.
+
+    GPTQ rounds each column into this grid after its own error updates (encode), then packs the codes with
+    the stored scales (pack). `codes` are the search's own codes for the values it searched, which are
+    llama.cpp's (they may differ from encode's on a tie or where ggml keeps a search's codes)."""
+
+    step: np.ndarray  # (rows, blocks, sub-blocks) fp32: the stored scales, as decoded
+    offset: np.ndarray  # (rows, blocks, sub-blocks) fp32: minus the stored min (0 for symmetric types)
+    levels: np.ndarray  # ascending code book (consecutive integers, or IQ4NL)
+    codes: np.ndarray  # (rows, blocks, sub-blocks, sub) uint8
+    pack: Callable[[np.ndarray], np.ndarray]  # codes shaped like `codes` -> blocks (rows, bytes) uint8
+
+    def encode(self, x: np.ndarray, first: int = 0) -> np.ndarray:
+        """Codes of the nearest grid values to x (rows, n), which sits at columns first..first + n."""
+        step, offset = self._at(first, x.shape[-1])
+        t = (x - offset) * _inverse(step)
+        lo, hi = self.levels[0], self.levels[-1]
+        if (np.diff(self.levels) == 1).all():
+            return (np.clip(np.rint(t), lo, hi) - lo).astype(np.uint8)
+        return _best_index(self.levels, t).astype(np.uint8)  # IQ4NL's non-uniform grid
+
+    def values(self, codes: np.ndarray, first: int = 0) -> np.ndarray:
+        """The grid values of codes (rows, n) at columns first..first + n: what gguf decodes them to, up to
+        the rounding of step * level + offset in fp32."""
+        step, offset = self._at(first, codes.shape[-1])
+        return step * self.levels[codes] + offset
+
+    def _at(self, first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(step, offset) (rows, n) of columns first..first + n."""
+        sub = self.codes.shape[-1]
+        per_block = self.codes.shape[-2] * sub
+        columns = np.arange(first, first + n)
+        where = (slice(None), columns // per_block, columns % per_block // sub)
+        return self.step[where], self.offset[where]
+
+    def packed(self, codes: np.ndarray | None = None) -> np.ndarray:
+        """Blocks (rows, bytes) of `codes` (rows, K), or of the search's own codes."""
+        return self.pack(self.codes if codes is None else codes.reshape(self.codes.shape))
 
 
 @dataclass(frozen=True)
@@ -140,6 +189,24 @@ class GGMLFormat:
     def quantize(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
         """Encode x as llama.cpp does (module docstring), optionally weighting each input column's error by
         `importance` (shape [K], >= 0)."""
+        v, importance = self._rows(x, importance)
+        if self.name in REFERENCE and (importance is None or self.name not in IMPORTANCE_WEIGHTED):
+            blocks = quants.quantize(v, self.ggml_type)  # llama.cpp's *_ref rounding, which gguf implements
+        else:
+            blocks = self._search(v, importance).packed()
+        return QuantizedTensor(self.name, tuple(x.shape), {"blocks": torch.from_numpy(blocks)})
+
+    def grid(self, x: torch.Tensor, importance: torch.Tensor | None = None) -> BlockGrid:
+        """The importance-weighted search's grid for x (rows of whole blocks; all columns weigh alike when
+        importance is None), for an algorithm that rounds into it itself (GPTQ). q8_0 ignores importance,
+        as llama.cpp does; the ternary types have no search (SpecError)."""
+        if self.name in NO_GRID:
+            raise SpecError(f"{self.name} has no scale search to round into: gguf's encoder is its only one")
+        v, importance = self._rows(x, importance)
+        return self._search(v, np.ones(v.shape[1], np.float32) if importance is None else importance)
+
+    def _rows(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """x as (rows, K) fp32 numpy, importance as (K,) fp32 numpy (ValueError unless finite and >= 0)."""
         rows, k, _, _ = self.geometry(tuple(x.shape))
         if importance is not None:
             importance = importance.detach().float().cpu()
@@ -147,10 +214,11 @@ class GGMLFormat:
             if tuple(importance.shape) != (k,) or not valid:
                 raise ValueError(f"importance must be {k} finite weights >= 0, one per input column")
             importance = importance.numpy()
-        v = x.detach().float().cpu().reshape(rows, k).numpy()
+        return x.detach().float().cpu().reshape(rows, k).numpy(), importance
+
+    def _search(self, v: np.ndarray, importance: np.ndarray | None) -> BlockGrid:
         with np.errstate(divide="ignore", invalid="ignore"):  # searches divide by 0 in blocks they then skip
-            blocks = _QUANTIZERS[self.name](v, importance)
-        return QuantizedTensor(self.name, tuple(x.shape), {"blocks": torch.from_numpy(blocks)})
+            return _SEARCHES[self.name](v, importance)
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         values = quants.dequantize(self._own(q).tensors["blocks"].numpy(), self.ggml_type)
@@ -295,7 +363,7 @@ def _best_index(values, x):
     return np.searchsorted(values[:-1] + values[1:], x + x, side="right")
 
 
-# ---- the types: rows (R, K) fp32 and importance (K,) or None -> blocks (R, K / block * bytes) uint8 -----
+# ---- the types: rows (R, K) fp32 and importance (K,) or None -> BlockGrid ---------------------------------
 
 
 def _weights(x, importance, sigma2):
@@ -304,25 +372,39 @@ def _weights(x, importance, sigma2):
     return importance.reshape(x.shape[1:]) * np.sqrt(sigma2 + x * x)
 
 
-def _q_legacy(nmax: int, asym: bool, ggml_type: T):
-    """q4_0, q5_0 (symmetric) and q4_1, q5_1 (scale and min) in blocks of 32."""
+def _q_legacy(nmax: int, asym: bool):
+    """q4_0, q5_0 (symmetric) and q4_1, q5_1 (scale and min) in blocks of 32, importance-weighted
+    (quantize_row_*_impl; without importance llama.cpp runs the *_ref rounding: GGMLFormat.quantize)."""
 
-    def quantize(x, importance):
-        if importance is None:
-            return quants.quantize(x, ggml_type)
-        xb = x.reshape(x.shape[0], -1, 32)
-        w = _weights(xb, importance, (x * x).mean(-1)[:, None, None])
+    def search(x, importance):
+        xb = x.reshape(x.shape[0], -1, 1, 32)
+        w = _weights(xb, importance, (x * x).mean(-1)[:, None, None, None])
         if asym:
             d, the_min, q = make_qkx_quants(xb, w, nmax, -0.9, 0.05, 36, False)
-            head = [_f16(d), _f16(-the_min)]
+            head, step, offset = [_f16(d), _f16(-the_min)], _f16(d), _f16(-the_min)
+            levels = np.arange(nmax + 1)
         else:
-            d, q = make_qx_quants(xb, (nmax + 1) // 2, w)
-            head = [_f16(d)]
-        if nmax == 31:  # the fifth bit of each weight, weight j at bit j
-            head.append(np.packbits(q.astype(np.uint8) >> 4, -1, bitorder="little"))
-        return _rows(head + [_nibbles(q, 16)])
+            half = (nmax + 1) // 2
+            d, q = make_qx_quants(xb, half, w)
+            head, step, offset = [_f16(d)], _f16(d), np.zeros_like(d)
+            levels = np.arange(-half, half)
 
-    return quantize
+        def pack(q):
+            fifth = [np.packbits(q >> 4, -1, bitorder="little")] if nmax == 31 else []  # weight j at bit j
+            return _rows(head + fifth + [_nibbles(q, 16)])
+
+        return _grid(step, offset, levels, q, pack)
+
+    return search
+
+
+def _q8_0(x, importance):
+    """quantize_row_q8_0_ref's scale (llama.cpp ignores importance): absmax / 127, codes round(x / scale)."""
+    xb = x.reshape(x.shape[0], -1, 1, 32)
+    d = np.abs(xb).max(-1) / np.float32(127)
+    q = quants.np_roundf(xb * _inverse(d)[..., None]) + 127
+    pack = lambda q: _rows([_f16(d), (q.astype(np.int16) - 127).astype(np.int8)])  # noqa: E731
+    return _grid(_f16(d), np.zeros_like(d), np.arange(-127, 128), q, pack)
 
 
 def _q2_k(x, importance):
@@ -336,8 +418,10 @@ def _q2_k(x, importance):
         scales, mins, q = make_qkx_quants(xs, w, 3, -0.9, 0.05, 36, False)
         d, ls = make_qp_quants(scales, 15, w.sum(-1))
         dmin, lm = make_qp_quants(mins, 15, w.sum(-1))
-    q = _requantize(xs, q, _f16(d), ls, 0, 3, _f16(dmin), lm)
-    return _rows([ls | (lm << 4), _crumbs(q), _f16(d), _f16(dmin)])
+    step, offset = _steps(d, ls, dmin, lm)
+    q = _requantize(xs, q, step, offset, 0, 3)
+    pack = lambda q: _rows([ls | (lm << 4), _crumbs(q), _f16(d), _f16(dmin)])  # noqa: E731
+    return _grid(step, offset, np.arange(4), q, pack)
 
 
 def _q3_k(x, importance):
@@ -353,18 +437,25 @@ def _q3_k(x, importance):
         scales, q = make_qx_quants(xs, 4, w)
         d, ls = make_qx_quants(scales, 32, w.sum(-1))
         ls = ls.astype(np.uint8)
-    q = _requantize(xs, q, _f16(d), ls.astype(np.float32) - 32, -4, 3)
-    high = q > 3
-    hmask = _bitplanes(high.reshape(*high.shape[:2], 8, 32), 1)  # 3rd bit of weight 32 i + l: hmask[l] bit i
-    scales_low = (ls[..., :8] & 0xF) | ((ls[..., 8:] & 0xF) << 4)
-    scales_high = _bitplanes(ls.reshape(*ls.shape[:2], 4, 4) >> 4, 2)  # byte k: top bits of scales k, k+4, ..
-    return _rows([hmask, _crumbs(q - 4 * high), scales_low, scales_high, _f16(d)])
+    step, offset = _steps(d, ls.astype(np.float32) - 32)
+    q = _requantize(xs, q, step, offset, -4, 3)
+
+    def pack(q):
+        high = q > 3
+        hmask = _bitplanes(
+            high.reshape(*high.shape[:2], 8, 32), 1
+        )  # bit 3 of weight 32 i + l: hmask[l] bit i
+        scales_low = (ls[..., :8] & 0xF) | ((ls[..., 8:] & 0xF) << 4)
+        scales_high = _bitplanes(ls.reshape(*ls.shape[:2], 4, 4) >> 4, 2)  # byte k: top bits of k, k+4, ..
+        return _rows([hmask, _crumbs(q - 4 * high), scales_low, scales_high, _f16(d)])
+
+    return _grid(step, offset, np.arange(-4, 4), q, pack)
 
 
 def _q45_k(nmax: int, rmin: float, nstep: int):
     """q4_k (nmax 15) and q5_k (31): 8 sub-blocks of 32 with 6-bit scales and mins."""
 
-    def quantize(x, importance):
+    def search(x, importance):
         xs = _super_blocks(x, 32)
         if importance is None:
             w = np.sqrt((xs * xs).mean(-1, keepdims=True)) + np.abs(xs)
@@ -376,13 +467,18 @@ def _q45_k(nmax: int, rmin: float, nstep: int):
             scales, mins, q = make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False)
             d, ls = make_qp_quants(scales, 63, w.sum(-1))
             dmin, lm = make_qp_quants(mins, 63, w.sum(-1))
-        q = _requantize(xs, q, _f16(d), ls, 0, nmax, _f16(dmin), lm)
-        k4 = [ls[..., :4] | ((ls[..., 4:] >> 4) << 6), lm[..., :4] | ((lm[..., 4:] >> 4) << 6)]
-        k4.append((ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4))
-        high = [_bitplanes((q >> 4).reshape(*q.shape[:2], 8, 32), 1)] if nmax == 31 else []
-        return _rows([_f16(d), _f16(dmin), *k4, *high, _nibbles(q, 32)])
+        step, offset = _steps(d, ls, dmin, lm)
+        q = _requantize(xs, q, step, offset, 0, nmax)
 
-    return quantize
+        def pack(q):
+            k4 = [ls[..., :4] | ((ls[..., 4:] >> 4) << 6), lm[..., :4] | ((lm[..., 4:] >> 4) << 6)]
+            k4.append((ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4))
+            high = [_bitplanes((q >> 4).reshape(*q.shape[:2], 8, 32), 1)] if nmax == 31 else []
+            return _rows([_f16(d), _f16(dmin), *k4, *high, _nibbles(q, 32)])
+
+        return _grid(step, offset, np.arange(nmax + 1), q, pack)
+
+    return search
 
 
 def _q6_k(x, importance):
@@ -394,32 +490,39 @@ def _q6_k(x, importance):
     iscale = -128 / np.where(zero, 1, top)
     sc = np.minimum(127, np.rint(iscale[..., None] * scales))
     d = _f16(1 / iscale)
-    q = _requantize(xs, q, d, sc, -32, 31)
-    blocks = _rows([_nibbles(q, 64), _crumbs(q >> 4), sc.astype(np.int8), d]).reshape(*zero.shape, -1)
-    return np.where(zero[..., None], 0, blocks).reshape(x.shape[0], -1)  # ggml zeroes an all-zero block
+    step, offset = _steps(d, sc)
+    q = _requantize(xs, q, step, offset, -32, 31)
+
+    def pack(q):
+        blocks = _rows([_nibbles(q, 64), _crumbs(q >> 4), sc.astype(np.int8), d]).reshape(*zero.shape, -1)
+        return np.where(zero[..., None], 0, blocks).reshape(x.shape[0], -1)  # ggml zeroes an all-zero block
+
+    return _grid(np.where(zero[..., None], 0, step), offset, np.arange(-32, 32), q, pack)
 
 
 def _iq4(super_size: int):
     """iq4_nl (one block of 32 with an fp16 scale) and iq4_xs (super-blocks of 256: 6-bit block scales)."""
 
-    def quantize(x, importance):
+    def search(x, importance):
         xs = _super_blocks(x, 32, super_size)
         sigma2 = 2 * (xs * xs).mean((-2, -1), keepdims=True)
         w = xs * xs if importance is None else _weights(xs, importance, sigma2)
         scales = _iq4_block_scales(xs, w)
         if super_size == 32:
-            d = _f16(scales[..., 0])
+            d = _f16(scales)
             q = _best_index(IQ4NL, _inverse(scales)[..., None] * xs)
-            return _rows([d, _nibbles(q, 16)])
+            return _grid(d, np.zeros_like(scales), IQ4NL, q, lambda q: _rows([d, _nibbles(q, 16)]))
         d = -_signed_absmax(scales) / 32
         ls = np.clip(np.rint(_inverse(d)[..., None] * scales), -32, 31)
         q = _best_index(IQ4NL, _inverse(d[..., None] * ls)[..., None] * xs)
         codes = (ls + 32).astype(np.uint16)
         scales_h = ((codes >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(-1, dtype=np.uint16)
         scales_l = (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
-        return _rows([_f16(d), scales_h, scales_l.astype(np.uint8), _nibbles(q, 16)])
+        step, offset = _steps(_f16(d), ls)
+        pack = lambda q: _rows([_f16(d), scales_h, scales_l.astype(np.uint8), _nibbles(q, 16)])  # noqa: E731
+        return _grid(step, offset, IQ4NL, q, pack)
 
-    return quantize
+    return search
 
 
 def _iq4_block_scales(xs, w):
@@ -459,13 +562,26 @@ def _scale_codes(s, nmax: int):
     return np.minimum(nmax, np.rint(inverse[..., None] * s)).astype(np.uint8), top / np.float32(nmax)
 
 
-def _requantize(xs, q, d, ls, lo: int, hi: int, dmin=None, lm=None):
-    """Codes (R, blocks, 256) from the stored scales: round((x + dmin * lm) / (d * ls)) into [lo, hi], stored
-    minus lo; a sub-block whose step is zero keeps the search's codes (ggml skips it)."""
-    step = (d.astype(np.float32)[..., None] * ls)[..., None]
-    offset = 0 if dmin is None else (dmin.astype(np.float32)[..., None] * lm)[..., None]
-    new = np.clip(np.rint((xs + offset) / step), lo, hi) - lo
-    return np.where(step != 0, new, q).astype(np.uint8).reshape(*xs.shape[:2], -1)
+def _steps(d, ls, dmin=None, lm=None):
+    """(step, offset) of each sub-block from its super-block's fp16 scale and min and its own integer scale
+    and min codes: x ~ d ls L - dmin lm."""
+    step = _f16(d).astype(np.float32)[..., None] * ls
+    offset = np.zeros_like(step) if dmin is None else -(_f16(dmin).astype(np.float32)[..., None] * lm)
+    return step, offset
+
+
+def _requantize(xs, q, step, offset, lo: int, hi: int):
+    """Codes from the stored scales: round((x - offset) / step) into [lo, hi], stored minus lo (ggml divides,
+    as here); a sub-block whose step is zero keeps the search's codes q (ggml skips it)."""
+    step, offset = step[..., None], offset[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        new = np.clip(np.rint((xs - offset) / step), lo, hi) - lo
+    return np.where(step != 0, new, q)
+
+
+def _grid(step, offset, levels, q, pack) -> BlockGrid:
+    f32 = np.float32
+    return BlockGrid(step.astype(f32), offset.astype(f32), np.asarray(levels, f32), q.astype(np.uint8), pack)
 
 
 def _inverse(a):
@@ -504,16 +620,12 @@ def _rows(parts):
     return np.concatenate(flat, -1).reshape(flat[0].shape[0], -1)
 
 
-def _ignoring_importance(ggml_type: T):
-    return lambda x, importance: quants.quantize(x, ggml_type)  # llama.cpp ignores importance for these
-
-
-_QUANTIZERS = {
-    "q4_0": _q_legacy(15, False, T.Q4_0),
-    "q4_1": _q_legacy(15, True, T.Q4_1),
-    "q5_0": _q_legacy(31, False, T.Q5_0),
-    "q5_1": _q_legacy(31, True, T.Q5_1),
-    "q8_0": _ignoring_importance(T.Q8_0),
+_SEARCHES = {
+    "q4_0": _q_legacy(15, False),
+    "q4_1": _q_legacy(15, True),
+    "q5_0": _q_legacy(31, False),
+    "q5_1": _q_legacy(31, True),
+    "q8_0": _q8_0,
     "iq4_nl": _iq4(32),
     "iq4_xs": _iq4(QK_K),
     "q2_k": _q2_k,
@@ -521,6 +633,4 @@ _QUANTIZERS = {
     "q4_k": _q45_k(15, -1.0, 20),
     "q5_k": _q45_k(31, -0.5, 15),
     "q6_k": _q6_k,
-    "tq1_0": _ignoring_importance(T.TQ1_0),
-    "tq2_0": _ignoring_importance(T.TQ2_0),
 }
