@@ -307,8 +307,8 @@ def export(
         str | None,
         typer.Option(
             "--type",
-            help="GGUF type of the matrices not already in a GGUF block type: F16, Q8_0 (default), Q4_0, "
-            "Q6_K, Q4_K.",
+            help="GGUF type of the matrices not already in a GGUF block type: F32, F16, Q8_0 (default), "
+            "Q4_0, Q6_K, Q4_K.",
         ),
     ] = None,
     pre_tokenizer: Annotated[

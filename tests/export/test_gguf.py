@@ -139,6 +139,7 @@ def assert_within_step(qtype, step: np.ndarray, x: np.ndarray, y: np.ndarray) ->
 @pytest.mark.parametrize(
     "arch,qtype",
     [
+        ("llama", "F32"),
         ("llama", "F16"),
         ("llama", "Q8_0"),
         ("llama", "Q4_0"),

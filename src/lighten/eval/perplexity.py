@@ -7,6 +7,7 @@ perplexity averages away (a candidate can match the reference's perplexity while
 Windows do not overlap, as in llama.cpp's `perplexity`, so each token costs one forward position."""
 
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -32,12 +33,11 @@ def causal_fidelity(
         targets = window[1:]
         # The reference runs once per window; its distribution is kept while every candidate runs.
         ref_logp = _next_token_log_probs(reference, window)
-        ref_p = ref_logp.exp()
         ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
         for i, candidate in enumerate(candidates):
             logq = _next_token_log_probs(candidate, window)
             nll[i] += F.nll_loss(logq, targets, reduction="sum").item()
-            kl[i] += (ref_p * (ref_logp - logq)).sum().item()
+            kl[i] += _kl_sum(ref_logp, logq)
     n = sum(len(w) - 1 for w in windows)
     return {
         "reference": {"perplexity": math.exp(ref_nll / n)},
@@ -66,20 +66,49 @@ def token_windows(
 
 def llamacpp_perplexity(gguf_path: str | Path, windows: list[torch.Tensor], threads: int = 2) -> float:
     """Perplexity of a GGUF file run by llama.cpp on `windows` (token_windows), scored exactly as
-    causal_fidelity scores a model: each window evaluated from an empty cache, fp32 log-softmax of the
-    logits of every position but the last against the next token."""
+    causal_fidelity scores a model."""
+    return llamacpp_fidelity(gguf_path, windows, threads=threads)["perplexity"]
+
+
+def llamacpp_fidelity(
+    gguf_path: str | Path, windows: list[torch.Tensor], reference: Sequence | None = None, threads: int = 2
+) -> dict:
+    """{"perplexity"} of a GGUF file run by llama.cpp on `windows`; given `reference`, the reference model's
+    log-probabilities of the same windows (one (len(window) - 1, vocab) array per window, e.g. what
+    llamacpp_log_probs yields for its F32 GGUF), also "kl", the mean KL(p_ref || p), and "top1", the share of
+    positions where both models' most likely next token is the same. Means over all predicted tokens."""
+    nll = kl = agree = 0.0
+    for i, (window, logq) in enumerate(
+        zip(windows, llamacpp_log_probs(gguf_path, windows, threads), strict=True)
+    ):
+        nll += F.nll_loss(logq, window[1:], reduction="sum").item()
+        if reference is not None:
+            ref_logp = torch.as_tensor(reference[i])
+            kl += _kl_sum(ref_logp, logq)
+            agree += (ref_logp.argmax(-1) == logq.argmax(-1)).sum().item()
+    n = sum(len(w) - 1 for w in windows)
+    scores = {"perplexity": math.exp(nll / n)}
+    return scores if reference is None else scores | {"kl": kl / n, "top1": agree / n}
+
+
+def llamacpp_log_probs(
+    gguf_path: str | Path, windows: list[torch.Tensor], threads: int = 2
+) -> Iterator[torch.Tensor]:
+    """For each window, llama.cpp's fp32 log-probabilities of the token after every position but the last:
+    the window evaluated from an empty cache, as causal_fidelity runs a model."""
     from lighten.export.llamacpp import open_llama
 
     context = max(len(w) for w in windows)
     llm = open_llama(gguf_path, n_ctx=context, n_batch=context, n_threads=threads, logits_all=True)
-    nll, n = 0.0, 0
-    for window in track(windows, "llama.cpp perplexity"):
+    for window in track(windows, f"llama.cpp {Path(gguf_path).name}"):
         llm.reset()  # the next eval starts at position 0 and drops the cached keys and values
         llm.eval(window.tolist())
-        logits = torch.from_numpy(llm.scores[: len(window) - 1])
-        nll += F.nll_loss(F.log_softmax(logits.float(), dim=-1), window[1:], reduction="sum").item()
-        n += len(window) - 1
-    return math.exp(nll / n)
+        yield F.log_softmax(torch.from_numpy(llm.scores[: len(window) - 1]).float(), dim=-1)
+
+
+def _kl_sum(ref_logp: torch.Tensor, logq: torch.Tensor) -> float:
+    """KL(p_ref || q) summed over positions, from log-probabilities."""
+    return (ref_logp.exp() * (ref_logp - logq)).sum().item()
 
 
 def _next_token_log_probs(model, window: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from lighten.export.kquants import quantize_q4_k, quantize_q6_k
 
 QUANTIZED_BY = "lighten"  # general.quantized_by: how `--force` recognises a GGUF lighten wrote
 QTYPES = {
+    "F32": (T.F32, gguf.LlamaFileType.ALL_F32),  # the unquantized model as it is: llama-quantize's input
     "F16": (T.F16, gguf.LlamaFileType.MOSTLY_F16),
     "Q8_0": (T.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "Q4_0": (T.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
