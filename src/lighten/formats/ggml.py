@@ -31,6 +31,7 @@ stays unchanged, as in C where it stops.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -93,26 +94,28 @@ class BlockGrid:
 
     def encode(self, x: np.ndarray, first: int = 0) -> np.ndarray:
         """Codes of the nearest grid values to x (rows, n), which sits at columns first..first + n."""
-        step, offset = self._at(first, x.shape[-1])
-        t = (x - offset) * _inverse(step)
-        lo, hi = self.levels[0], self.levels[-1]
-        if (np.diff(self.levels) == 1).all():
-            return (np.clip(np.rint(t), lo, hi) - lo).astype(np.uint8)
+        step, offset, inverse = (a[:, first : first + x.shape[-1]] for a in self._columns)
+        t = (x - offset) * inverse
+        if self._uniform:
+            return (np.clip(np.rint(t), self.levels[0], self.levels[-1]) - self.levels[0]).astype(np.uint8)
         return _best_index(self.levels, t).astype(np.uint8)  # IQ4NL's non-uniform grid
 
     def values(self, codes: np.ndarray, first: int = 0) -> np.ndarray:
         """The grid values of codes (rows, n) at columns first..first + n: what gguf decodes them to, up to
         the rounding of step * level + offset in fp32."""
-        step, offset = self._at(first, codes.shape[-1])
+        step, offset, _ = (a[:, first : first + codes.shape[-1]] for a in self._columns)
         return step * self.levels[codes] + offset
 
-    def _at(self, first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(step, offset) (rows, n) of columns first..first + n."""
+    @cached_property
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(step, offset, 1 / step or 0) of every column, (rows, K): GPTQ asks for one column at a time."""
         sub = self.codes.shape[-1]
-        per_block = self.codes.shape[-2] * sub
-        columns = np.arange(first, first + n)
-        where = (slice(None), columns // per_block, columns % per_block // sub)
-        return self.step[where], self.offset[where]
+        step, offset = (np.repeat(a.reshape(a.shape[0], -1), sub, axis=1) for a in (self.step, self.offset))
+        return step, offset, _inverse(step)
+
+    @cached_property
+    def _uniform(self) -> bool:
+        return bool((np.diff(self.levels) == 1).all())
 
     def packed(self, codes: np.ndarray | None = None) -> np.ndarray:
         """Blocks (rows, bytes) of `codes` (rows, K), or of the search's own codes."""
