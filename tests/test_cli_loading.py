@@ -132,11 +132,12 @@ def test_eval_compares_with_the_source_from_any_folder(tmp_path, src):
     assert_refused(lighten_cli("eval", tmp_path / "q", "--text", text, cwd=elsewhere), "--reference")
 
 
-def test_exporting_a_rotated_checkpoint_to_compressed_tensors_is_refused(tmp_path, src):
+@pytest.mark.parametrize("to,runtime", [("compressed-tensors", "vLLM"), ("gguf", "llama.cpp")])
+def test_exporting_a_checkpoint_with_online_rotations_is_refused(tmp_path, src, to, runtime):
     recipe = recipe_from_options("int4:g32", surgery=("fold", "rotate"))
     rotated = quantize_to_dir(str(src), recipe, tmp_path / "rotated")
-    result = lighten_cli("export", rotated, "--to", "compressed-tensors", "-o", tmp_path / "out")
-    assert_refused(result, "cannot run", "quantize without rotate", output=tmp_path / "out")
+    result = lighten_cli("export", rotated, "--to", to, "-o", tmp_path / "out")
+    assert_refused(result, runtime, "cannot run", "--surgery fold,rotate_fused", output=tmp_path / "out")
 
 
 def test_pickled_weights_are_refused(tmp_path, src):

@@ -224,6 +224,17 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
     return model.to(dtype).eval(), tokenizer
 
 
+def require_no_online_rotation(names, runtime: str) -> None:
+    """LightenError if any of the tensor `names` is an online rotation (surgery rotate), which `runtime`, the
+    target of an export, cannot run: the exported model would silently compute something else."""
+    if any(ONLINE_ROTATION in name for name in names):
+        raise LightenError(
+            "this model was rotated by surgery rotate: it needs an online Hadamard transform before each "
+            f"down_proj, which {runtime} cannot run, so the export would compute something else; quantize "
+            "with --surgery fold,rotate_fused (the rotation all in the weights) or without rotate instead"
+        )
+
+
 def require_reloadable(model: nn.Module) -> None:
     """Refuse to save a model that its own config cannot rebuild: surgery that changes the architecture
     (GPT-2's LayerNorm -> RMSNorm, a bias on lm_head from folding ln_f) would not load back."""

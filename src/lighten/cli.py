@@ -158,7 +158,8 @@ def quantize(
         ),
     ] = None,
     surgery: Annotated[
-        str, typer.Option(help="Exact rewrites first, in order: fold,rmsnorm,rotate,smooth|osplus")
+        str,
+        typer.Option(help="Exact rewrites first, in order: fold,rmsnorm,rotate|rotate_fused,smooth|osplus"),
     ] = "",
     budget: Annotated[
         str | None, typer.Option(help="Mixed precision under a budget: 4.5bits, 60MB, ...")

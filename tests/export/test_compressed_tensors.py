@@ -179,9 +179,13 @@ def test_refuses_a_rotated_checkpoint_whose_online_transforms_it_would_drop(tmp_
 
     recipe = recipe_from_options("int4:g32", surgery=("fold", "rotate"))
     checkpoint = quantize_to_dir(str(llama[0]), recipe, tmp_path / "q")
-    with pytest.raises(LightenError, match="compressed-tensors .and vLLM. cannot run.*without rotate"):
+    with pytest.raises(LightenError, match="compressed-tensors .and vLLM. cannot run.*fold,rotate_fused"):
         export_compressed_tensors(checkpoint, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+    # The rotation fused into the weights leaves nothing to run at run time: it exports.
+    recipe = recipe_from_options("int4:g32", surgery=("fold", "rotate_fused"))
+    fused = quantize_to_dir(str(llama[0]), recipe, tmp_path / "fused")
+    _assert_round_trip(fused, export_compressed_tensors(fused, tmp_path / "ct"))
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)

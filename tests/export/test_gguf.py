@@ -540,3 +540,94 @@ def test_llama_cpp_perplexity_of_the_export_equals_lightens(smollm2_gguf_checkpo
     theirs = llamacpp_perplexity(path, token_windows(tokenizer, texts, 1024, 512))
     print(f"{spec}: lighten {ours:.4f}, llama.cpp {theirs:.4f}, {theirs / ours - 1:+.3%}")
     assert abs(theirs / ours - 1) < 0.005
+
+
+# --- rotated models: the fully fused rotation (surgery rotate_fused) runs in llama.cpp, rotate is refused ---
+
+
+def rotation_ready(seed: int = 0):
+    """A tied tiny Llama whose norms have gains to fold (the final one makes fold untie the output matrix),
+    weights spread so that a wrong layout or norm stands out in the logits."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def fused_checkpoint(tmp_path_factory):
+    """`lighten quantize -f q4_0 --surgery fold,rotate_fused` of a tied tiny Llama, and its GGUF export."""
+    from lighten.pipeline import quantize_to_dir
+    from lighten.recipes import recipe_from_options
+
+    root = tmp_path_factory.mktemp("fused")
+    rotation_ready().save_pretrained(root / "hf")
+    tiny_bpe_tokenizer().save_pretrained(root / "hf")
+    recipe = recipe_from_options("q4_0", surgery=("fold", "rotate_fused"), calibration_tokens=256)
+    checkpoint = quantize_to_dir(str(root / "hf"), recipe, root / "q")
+    return checkpoint, export_gguf_from(checkpoint, root / "q.gguf", pre_tokenizer="gpt-2")
+
+
+def test_fused_rotation_checkpoint_writes_its_output_matrix_and_unit_norms(fused_checkpoint):
+    from lighten.checkpoint import load
+
+    checkpoint, path = fused_checkpoint
+    model, _ = load(checkpoint)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert set(tensors) == {gguf_tensor_name(n) for n in model.state_dict()}  # output.weight included
+    assert tensors["output.weight"].tensor_type == T.Q8_0  # lm_head: kept fp32 by quantize, --type here
+    w = model.lm_head.weight.detach().numpy()
+    out = tensors["output.weight"]
+    assert_within_step(T.Q8_0, block_steps(T.Q8_0, out.data), w, dequantize(out.data, T.Q8_0))
+    norms = [t for name, t in tensors.items() if name.endswith("norm.weight")]
+    assert len(norms) == 2 * TINY["num_hidden_layers"] + 1
+    for t in norms:  # folded into the readers: every gain is exactly 1, stored as such
+        assert t.tensor_type == T.F32 and (np.asarray(t.data) == 1).all(), t.name
+    matrices = [t for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2]
+    assert len(matrices) == 7 * TINY["num_hidden_layers"]
+    assert {t.tensor_type for t in matrices} == {T.Q4_0}  # the checkpoint's codes
+
+
+def test_llama_cpp_runs_a_fused_rotation_checkpoint_like_lighten(fused_checkpoint):
+    """llama.cpp's logits on the export = lighten's model of the checkpoint (its q4_0 weights dequantized;
+    the embedding and output matrix as the file holds them at Q8_0)."""
+    from lighten.checkpoint import load
+
+    checkpoint, path = fused_checkpoint
+    model, _ = load(checkpoint)
+    back = read_back(path, model, permuted=True)
+    model.load_state_dict({name: torch.from_numpy(w.copy()) for name, (_, w, _) in back.items()})
+    _, ours, ref = llama_cpp_and_hf_logits(path, model, list(range(5, 25)))
+    diff = np.abs(ours - ref).max()
+    print(f"fused rotation q4_0: max |logit diff| {diff:.4f} of max |logit| {np.abs(ref).max():.2f}")
+    assert diff < 0.05  # llama.cpp rounds activations to 8 bits in its quantized matmuls
+
+
+def test_llama_cpp_runs_an_in_memory_fused_rotation_like_the_original(tmp_path):
+    """No checkpoint: surgery on the loaded model, exported at F16, computes what the original model does."""
+    from lighten.surgery import apply_surgery
+
+    model = rotation_ready()
+    ids = list(range(5, 25))
+    with torch.no_grad():
+        original = model(torch.tensor([ids])).logits[0].numpy()
+    apply_surgery(model, ["fold", "rotate_fused"])
+    path = export_gguf(model, tiny_bpe_tokenizer(), tmp_path / "r.gguf", "F16", pre_tokenizer="gpt-2")
+    _, ours, _ = llama_cpp_and_hf_logits(path, model, ids)
+    print(f"fused rotation F16: max |logit diff| {np.abs(ours - original).max():.4f}")
+    assert np.abs(ours - original).max() < 0.05
+
+
+def test_online_rotation_is_refused_with_the_fused_one_suggested(tmp_path):
+    from lighten.surgery import apply_surgery
+
+    model = apply_surgery(rotation_ready(), ["fold", "rotate"])
+    with pytest.raises(LightenError, match="llama.cpp cannot run.*--surgery fold,rotate_fused"):
+        export_gguf(model, tiny_bpe_tokenizer(), tmp_path / "r.gguf", pre_tokenizer="gpt-2")
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ from lighten.surgery import SURGERY_STEPS, apply_surgery
 
 
 def test_steps_are_described():
-    assert list(SURGERY_STEPS) == ["fold", "rmsnorm", "rotate", "smooth", "osplus"]
+    assert list(SURGERY_STEPS) == ["fold", "rmsnorm", "rotate", "rotate_fused", "smooth", "osplus"]
     assert all(isinstance(d, str) and d for d in SURGERY_STEPS.values())
 
 
@@ -22,6 +22,9 @@ def test_steps_are_described():
         ("gpt2", ["fold", "osplus"]),
         ("llama", ["fold", "rotate", "osplus"]),
         ("qwen2", ["fold", "rotate", "smooth"]),
+        ("llama", ["fold", "rotate_fused"]),
+        ("qwen2", ["fold", "rotate_fused", "smooth"]),
+        ("gpt2", ["fold", "rmsnorm", "rotate_fused", "osplus"]),
     ],
 )
 def test_pipelines_are_exact(arch, steps):
@@ -44,6 +47,8 @@ def test_pipelines_are_exact(arch, steps):
         (["rotate", "fold"], "in the order"),
         (["fold", "fold"], "at most once"),
         (["fold", "smooth", "osplus"], "one of smooth and osplus"),
+        (["fold", "rotate", "rotate_fused"], "one of rotate and rotate_fused"),
+        (["fold", "rotate_fused", "rotate"], "in the order"),
         (["smooth"], "activation statistics"),
     ],
 )

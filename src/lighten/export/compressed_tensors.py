@@ -28,11 +28,11 @@ from lighten import formats
 from lighten.atomic import atomic_dir, check_output
 from lighten.checkpoint import (
     MANIFEST,
-    ONLINE_ROTATION,
     WEIGHTS,
     is_checkpoint,
     quantized_parts,
     read_manifest,
+    require_no_online_rotation,
 )
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
@@ -59,7 +59,7 @@ def export_compressed_tensors(checkpoint_dir: str | Path, out_dir: str | Path, f
         _check_exportable(name, info["spec"], info["shape"])
     linears = _linear_modules(checkpoint_dir, manifest["tensors"])
     with open_safetensors(checkpoint_dir / WEIGHTS) as f:
-        _check_no_online_rotation(f.keys())
+        require_no_online_rotation(f.keys(), "compressed-tensors (and vLLM)")
         quantized_parts(checkpoint_dir, manifest, set(f.keys()))
         state = {key: f.get_tensor(key) for key in f.keys()}
     tensors, weight_args = {}, {}
@@ -95,15 +95,6 @@ def _check_exportable(name: str, spec: str, shape: list[int]) -> None:
         raise LightenError(
             f"{name} ({spec}) has rows of {k}, which groups of {g} do not divide; compressed-tensors "
             f"needs equal groups: quantize with a group size that divides {k}, or :channel"
-        )
-
-
-def _check_no_online_rotation(names) -> None:
-    if any(ONLINE_ROTATION in name for name in names):
-        raise LightenError(
-            "this checkpoint was rotated (surgery rotate): it needs an online Hadamard transform before each "
-            "down_proj, which compressed-tensors (and vLLM) cannot run, so the exported model would compute "
-            "something else: quantize without rotate (e.g. --surgery fold) for this target"
         )
 
 

@@ -145,7 +145,8 @@ def export_gguf(
     blocks: dict[str, QuantizedTensor] | None = None,
 ) -> Path:
     """Write `model` (LlamaForCausalLM or Qwen2ForCausalLM) with `tokenizer` as GGUF, atomically (an
-    existing `out_file` only if `force`).
+    existing `out_file` only if `force`). A model with online rotations (surgery rotate) is refused:
+    llama.cpp cannot run them; the fully fused rotation (surgery rotate_fused) exports like any model.
 
     `blocks` maps weight names to their codes in GGUF block types (checkpoint_blocks): those are written
     unchanged; every other matrix is encoded as `qtype` (default Q8_0), see the module docstring.
@@ -162,6 +163,9 @@ def export_gguf(
             f"GGUF export supports {', '.join(ARCHS)}; {cls} is not one of them "
             "(export a lighten checkpoint instead)"
         )
+    from lighten.checkpoint import require_no_online_rotation
+
+    require_no_online_rotation(model.state_dict(), "llama.cpp")
     arch, permute = ARCHS[cls]
     blocks = blocks or {}
     config = model.config

@@ -13,6 +13,10 @@ Two more rotations do not touch the residual:
   class loading that checkpoint would neither run it nor complain loudly);
 - per attention head: value rows ← Hᵀ·W_v and o_proj columns ← W_o·H (attention mixes tokens, never the
   channels of a head, so the head's output is rotated just like its values; free at runtime).
+
+Without the online one (online=False, surgery step rotate_fused) every rotation lives in the weights: the
+model is a plain Hugging Face model again, which any runtime (llama.cpp via GGUF, vLLM) runs unchanged. The
+down projections' inputs then keep their outliers (SiLU(gate)·up is not rotated).
 """
 
 import torch
@@ -33,7 +37,7 @@ def rotate_residual_hadamard(model: nn.Module, seed: int = 0, online: bool = Tru
     if any(isinstance(g.norm, nn.LayerNorm) for g in norm_groups(view)):
         raise ModelError(
             "rotation needs RMSNorm: LayerNorm subtracts the mean of the channels, which a rotation does "
-            "not preserve; run layernorm_to_rmsnorm first (--surgery fold,rmsnorm,rotate)"
+            "not preserve; run layernorm_to_rmsnorm first (--surgery fold,rmsnorm,rotate or rotate_fused)"
         )
     require_folded(view, "rotate_residual_hadamard")
     embedding = next(iter(view.embeddings.values()))
