@@ -88,3 +88,21 @@ def test_unknown_algorithm():
     model = tiny_model("llama")
     with pytest.raises(LightenError, match="gptq"):
         calibrate_model(model, tiny_tokenizer(), TEXTS, make_plan(model, "int4"), "smoothquant")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_windows_of_one_length_share_their_block_inputs_besides_the_hidden_states(arch):
+    # 128 windows of 512 would otherwise hold 128 copies of the same rotary tables.
+    from lighten.algorithms.calibrate import _block_inputs, _layer
+    from lighten.models.arch import model_view
+
+    model = tiny_model(arch)
+    first = _layer(model, model_view(model).blocks[0])[1]
+    windows = [torch.arange(40) % 30, torch.arange(40) % 20, torch.arange(25) % 20]
+    (x0, args0, kw0), (x1, args1, kw1), (x2, _, kw2) = _block_inputs(model, first, windows)
+    assert args1 is args0 and kw1 is kw0 and not torch.equal(x0, x1)
+    assert kw2 is not kw0  # another length: its own positions
+    # Running a block on the shared inputs gives what the model itself computes there.
+    with torch.no_grad():
+        hidden = model(input_ids=windows[1][None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(x1, hidden[0], rtol=0, atol=0)
