@@ -48,7 +48,8 @@ def layer_sensitivity(
     context: int = 256,
     importance: dict[str, torch.Tensor] | None = None,
 ) -> dict[tuple[str, str], float]:
-    """{(weight name, spec): output divergence when only that weight is quantized to spec}.
+    """{(weight name, spec): output divergence when only that weight is quantized to spec}, GGUF types
+    weighted by their weight's `importance` where given (as algorithm imatrix quantizes).
 
     Every other weight stays in full precision; each probed weight is restored bit for bit afterwards."""
     model.eval()
