@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from lighten.errors import LightenError, SpecError
-from lighten.recipes import load_recipe, parse_budget, parse_recipe, shipped_recipes
+from lighten.recipes import budget_bits, load_recipe, parse_budget, parse_recipe, shipped_recipes
 
 
 def test_shipped_recipes_load_by_name():
@@ -40,7 +40,12 @@ def test_recipe_file_by_path_is_named_after_the_file(tmp_path):
         ({"format": "int4", "surgery": "fold"}, "surgery: must be a list"),
         ({"format": "int4", "rules": [{"pattern": "(", "format": "int8"}]}, r"rules\[0\].pattern: bad regex"),
         ({"format": "int4", "rules": [{"pattern": "x"}]}, r"rules\[0\]: must be"),
-        ({"format": "int4", "budget": {"size": "4.5bits"}}, "budget: must be"),
+        ({"format": "int4", "budget": {"size": "4.5bits"}}, "budget.candidates: missing"),
+        ({"format": "q4_k", "budget": {"candidates": ["q4_0", "q8_0"]}}, "budget: must be"),
+        ({"format": "q4_k", "budget": {"size": "4bits", "colour": "red"}}, "budget: must be"),
+        ({"format": "q4_k", "budget": {"size": "4bits", "sensitivity": "hessian"}}, "budget.sensitivity"),
+        ({"format": "int4", "fallback": True}, "fallback: is for GGUF block types"),
+        ({"format": "q4_k", "fallback": "yes"}, "fallback: must be true or false"),
         (
             {"format": "int4", "budget": {"size": "lots", "candidates": ["int4", "int8"]}},
             "budget.size: budget .lots.",
@@ -112,6 +117,23 @@ def test_parse_budget_units():
     for bad in ("", "12", "12 MBs", "-1MB", "four bits", "1e6B", None):
         with pytest.raises(LightenError, match="4.5bits"):
             parse_budget(bad, 1000)
+
+
+def test_budget_bits_is_the_number_given_or_the_bytes_spread_over_the_weights():
+    assert budget_bits("4.5bits", 1000) == 4.5  # exactly: parse_budget's bytes are floored
+    assert budget_bits("1KB", 2000) == 4.0
+
+
+def test_a_gguf_format_gives_a_budget_default_candidates_and_imatrix_sensitivity():
+    gguf = parse_recipe({"format": "q4_k", "budget": {"size": "4.5bits"}})
+    assert gguf.gguf and gguf.budget.candidates == () and gguf.budget.sensitivity == "imatrix"
+    mine = parse_recipe({"format": "int4", "budget": {"size": "4.5bits", "candidates": ["int4", "int8"]}})
+    assert not mine.gguf and mine.budget.sensitivity == "kl"
+    chosen = {"size": "4.5bits", "candidates": ["q4_0", "q8_0"], "sensitivity": "kl"}
+    assert parse_recipe({"format": "q4_k", "budget": chosen}).budget.sensitivity == "kl"
+    # A GGUF type in a rule is enough for fallback.
+    rule = {"pattern": "down_proj", "format": "q4_k"}
+    assert parse_recipe({"format": "int4", "rules": [rule], "fallback": True}).fallback
 
 
 def test_recipes_import_no_torch():

@@ -112,9 +112,10 @@ def tiny_model(arch: str, seed: int = 0, **config):
     return model_class(config_class(**(dict(vocab_size=len(VOCAB)) | defaults | config))).eval()
 
 
-def save_tiny(arch: str, path: Path, seed: int = 0) -> Path:
-    """Write a tiny random `arch` model and tokenizer as a Hugging Face directory (safetensors)."""
-    tiny_model(arch, seed).save_pretrained(path)
+def save_tiny(arch: str, path: Path, seed: int = 0, **config) -> Path:
+    """Write a tiny random `arch` model (`config` as for tiny_model) and tokenizer as a Hugging Face
+    directory (safetensors)."""
+    tiny_model(arch, seed, **config).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 

@@ -64,11 +64,13 @@ def save_checkpoint(
     force: bool = False,
     recipe=None,
     allocation: list[dict] | None = None,
+    budget: dict | None = None,
 ) -> Path:
     """Write a quantized model atomically; returns the output directory.
 
-    The manifest records the `recipe` that made it (surgery steps, algorithm, rules, budget) and the
-    `allocation` table of a budgeted plan. The model's own config is saved, since surgery may change it
+    The manifest records the `recipe` that made it (surgery steps, algorithm, rules, budget), and the
+    `allocation` table of a budgeted plan with the `budget` summary of what it counted and achieved
+    (lighten.plan.budget_plan). The model's own config is saved, since surgery may change it
     (folding unties lm_head)."""
     require_reloadable(model)
     state = model.state_dict()
@@ -94,6 +96,7 @@ def save_checkpoint(
         "kind": model_kind(model),
         "recipe": dataclasses.asdict(recipe) if recipe is not None else None,
         "allocation": allocation,
+        "budget": budget,
         "tensors": manifest_tensors,
     }
     with atomic_dir(out_dir, force=force, inputs=[source_dir]) as tmp:
@@ -108,7 +111,7 @@ def save_checkpoint(
 
 def read_manifest(path: str | Path) -> dict:
     """The checkpoint's manifest, checked here once so that every reader can rely on its keys and types.
-    "recipe" and "allocation" are None when absent."""
+    "recipe", "allocation" and "budget" are None when absent."""
     file = Path(path) / MANIFEST
     try:
         manifest = json.loads(file.read_text())
@@ -118,6 +121,7 @@ def read_manifest(path: str | Path) -> dict:
         raise ModelError(f"{file} is broken: {problem}; quantize the source model again to re-create it")
     manifest.setdefault("recipe", None)
     manifest.setdefault("allocation", None)
+    manifest.setdefault("budget", None)
     return manifest
 
 
@@ -130,7 +134,7 @@ def _manifest_problem(manifest) -> str | None:
         return '"source" must be {"model": str, "path": str}'
     if manifest.get("kind") not in ("causal", "encoder"):
         return '"kind" must be "causal" or "encoder"'
-    for key, kind in (("recipe", dict), ("allocation", list)):
+    for key, kind in (("recipe", dict), ("allocation", list), ("budget", dict)):
         if not isinstance(manifest.get(key), kind | None):
             return f'"{key}" must be a {kind.__name__} or null'
     tensors = manifest.get("tensors")

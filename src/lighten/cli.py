@@ -148,7 +148,13 @@ def quantize(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
     format: Annotated[
-        str | None, typer.Option("--format", "-f", help="Format spec: int4:g128, nf4, ...")
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="Format spec: int4:g128, nf4, ... or a GGUF type (q4_0, q4_k, ...), which makes a budget a "
+            "GGUF budget.",
+        ),
     ] = None,
     algorithm: Annotated[
         str | None,
@@ -162,12 +168,40 @@ def quantize(
         typer.Option(help="Exact rewrites first, in order: fold,rmsnorm,rotate|rotate_fused,smooth|osplus"),
     ] = "",
     budget: Annotated[
-        str | None, typer.Option(help="Mixed precision under a budget: 4.5bits, 60MB, ...")
+        str | None,
+        typer.Option(
+            help="Mixed precision under a budget: 4.5bits, 60MB, ... With a GGUF --format it counts the "
+            "matrices inside the blocks (llama.cpp's blk.*, as its bits per weight do); the token embedding "
+            "and output matrix stay outside it (full precision here, Q8_0 in `lighten export --to gguf`)."
+        ),
     ] = None,
     bits: Annotated[
         float | None, typer.Option(help="Budget as average bits per quantized weight (= --budget 4.5bits).")
     ] = None,
-    candidates: Annotated[str, typer.Option(help="Comma-separated specs the budget chooses from.")] = "",
+    candidates: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated specs the budget chooses from. Default with a GGUF --format: q4_0, "
+            "iq4_nl, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, iq4_xs (+ q3_k under 4.5 bits, q2_k under 3.5) "
+            "and the format, each weight keeping those that fit its rows."
+        ),
+    ] = "",
+    sensitivity: Annotated[
+        str | None,
+        typer.Option(
+            help="How the budget rates each weight's candidates: kl (quantize it alone, KL of the output on "
+            "the calibration text: a forward pass per weight and candidate) or imatrix (its error weighted "
+            "by the mean x² of each input, llama.cpp's estimate: one pass). Default: imatrix for a GGUF "
+            "--format, kl otherwise."
+        ),
+    ] = None,
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            help="GGUF types: store a weight whose rows are not whole blocks (q4_k on rows of 576) in "
+            "llama-quantize's fallback type (q5_0), or keep it if none fits, instead of failing."
+        ),
+    ] = False,
     skip: Annotated[list[str] | None, typer.Option(help="Regex of weights to keep (repeatable).")] = None,
     embeddings: Annotated[bool, typer.Option(help="Also quantize embedding tables.")] = False,
     calibration_tokens: Annotated[
@@ -192,7 +226,17 @@ def quantize(
             raise LightenError("give the budget once: --budget SIZE or --bits N, not both")
         budget = f"{bits}bits"
     if recipe is not None:
-        if format or surgery or budget or candidates or skip or embeddings or algorithm:
+        if (
+            format
+            or surgery
+            or budget
+            or candidates
+            or skip
+            or embeddings
+            or algorithm
+            or sensitivity
+            or fallback
+        ):
             raise LightenError(
                 "--recipe describes the whole job: drop --format/--algorithm/--surgery/--budget/..."
             )
@@ -209,17 +253,35 @@ def quantize(
             budget,
             _csv(candidates),
             calibration_tokens,
+            fallback,
+            sensitivity,
         )
     from lighten.checkpoint import read_manifest
 
     path = quantize_to_dir(model, plan, output, force=force, imatrix=imatrix)
-    if table := read_manifest(path)["allocation"]:
+    manifest = read_manifest(path)
+    if table := manifest["allocation"]:
         _print_table(
             "allocation",
             ["weight", "format", "bytes", "sensitivity"],
             [[r["name"], r["format"], str(r["bytes"]), f"{r['sensitivity']:.3g}"] for r in table],
         )
+    if summary := manifest["budget"]:
+        out.print(_budget_line(summary))
     out.print(f"wrote {path}")
+
+
+def _budget_line(summary: dict) -> str:
+    """What a budget counted and achieved, in one line."""
+    bytes_used = f"{summary['bytes']:,} of {summary['bytes_allowed']:,} bytes"
+    line = (
+        f"budget {summary['size']} over the {summary['counts']} ({summary['weights']:,} weights): "
+        f"{summary['bits_per_weight']:.4f} bits per weight, {bytes_used}; "
+        f"sensitivity {summary['sensitivity']}"
+    )
+    if outside := summary["not_counted"]:
+        line += "; not counted: " + ", ".join(f"{name} {spec}" for name, spec in outside.items())
+    return line
 
 
 @app.command("imatrix")

@@ -43,7 +43,8 @@ def quantize_to_dir(
     sensitivity + ILP under a budget), then the algorithm. Calibration text is the calibration split of the
     Wikipedia summaries; algorithm imatrix takes its importance from a llama.cpp `imatrix` file instead
     when given one. A `loaded` (model, tokenizer) is left unmodified. Returns the checkpoint directory; a
-    budget's allocation table is in its manifest (read_manifest(path)["allocation"])."""
+    budget's allocation table and what it achieved are in its manifest (read_manifest(path)["allocation"],
+    ["budget"])."""
     check_output(out_dir, force, inputs=[resolve(model_name)])  # fail now, not after the calibration
     if isinstance(recipe, str):
         recipe = recipe_from_options(recipe)
@@ -60,10 +61,10 @@ def quantize_to_dir(
     )
     # Fail before calibration, not after it, if the rewritten model could not be saved and loaded back.
     require_reloadable(model)
-    plan, table = (
+    plan, table, summary = (
         budget_plan(model, tokenizer, recipe, texts)
         if recipe.budget
-        else (plan_from_recipe(model, recipe), None)
+        else (plan_from_recipe(model, recipe), None, None)
     )
     # Without surgery the model still equals its files, and its weights are read from them (a block at a
     # time when calibrating) rather than from its mapped file, whose pages would all stay in RSS.
@@ -72,7 +73,9 @@ def quantize_to_dir(
         quantized = calibrate_model(
             model, tokenizer, texts, plan, algorithm, tokens, context, weights, importance
         )
-    return save_checkpoint(model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table)
+    return save_checkpoint(
+        model, quantized, resolve(model_name), model_name, out_dir, force, recipe, table, summary
+    )
 
 
 def _read_imatrix_for(recipe: Recipe, path: str | Path) -> dict:

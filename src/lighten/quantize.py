@@ -20,6 +20,12 @@ def is_transposed(model: nn.Module, weight_name: str) -> bool:
     return isinstance(model.get_submodule(weight_name.rsplit(".", 1)[0]), Conv1D)
 
 
+def weight_shape(model: nn.Module, weight_name: str) -> tuple[int, ...]:
+    """The weight's shape as it is quantized, [out, in]: rows run along the inputs, whatever the storage."""
+    shape = tuple(model.get_parameter(weight_name).shape)
+    return shape[::-1] if is_transposed(model, weight_name) else shape
+
+
 def quantize_weights(
     model: nn.Module,
     plan: dict[str, str],

@@ -1,11 +1,21 @@
-"""Per-weight sensitivity probes on tiny random models (values are "random"; only their order is tested)."""
+"""Per-weight sensitivity probes on tiny random models (values are "random"; only their order is tested), and
+the imatrix estimate's formula by hand."""
 
 import pytest
 import scipy.stats
 import torch
+from gguf import GGMLQuantizationType, quants
 from tiny_models import sample_text, tiny_model, tiny_tokenizer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from lighten.algorithms.sensitivity import hessian_trace_sensitivity, layer_sensitivity
+from lighten.algorithms.sensitivity import (
+    hessian_trace_sensitivity,
+    imatrix_sensitivity,
+    input_importance,
+    layer_sensitivity,
+)
+from lighten.errors import LightenError
 from lighten.plan import make_plan
 
 TEXTS = [sample_text(400)]
@@ -52,3 +62,43 @@ def test_hessian_trace_proxy_ranks_like_the_measurement(arch):
     assert 0.3 < sorted(int8)[len(int8) // 2] < 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_imatrix_sensitivity_is_the_importance_weighted_squared_error_by_hand():
+    """sum_j importance_j sum_i (W - Q(W))^2_ij, with Q gguf's own quantizer (lighten's q4_0 / q8_0 without
+    importance are gguf's byte for byte) and the sum written out, for a Linear and a transposed Conv1D."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"linear": nn.Linear(64, 3, bias=False), "conv": Conv1D(3, 64)})
+    nn.init.normal_(model["conv"].weight)  # Conv1D starts at N(0, 0.02); any values will do
+    importance = torch.rand(64) * torch.tensor([1.0, 100.0]).repeat(32)  # columns that matter unequally
+    weights = {  # [out, in]
+        "linear.weight": model["linear"].weight.detach(),
+        "conv.weight": model["conv"].weight.detach().t(),
+    }
+    costs = imatrix_sensitivity(
+        model, dict.fromkeys(weights, ["q4_0", "q8_0"]), dict.fromkeys(weights, importance)
+    )
+    for name, w in weights.items():
+        for spec in ("q4_0", "q8_0"):
+            kind = GGMLQuantizationType[spec.upper()]
+            q = quants.dequantize(quants.quantize(w.numpy(), kind), kind)
+            expected = 0.0
+            for i in range(3):
+                for j in range(64):
+                    expected += float(importance[j]) * (float(w[i, j]) - float(q[i, j])) ** 2
+            assert costs[name, spec] == pytest.approx(expected, rel=1e-9), (name, spec)
+    assert all(costs[name, "q8_0"] < costs[name, "q4_0"] for name in weights)
+
+
+def test_importance_is_the_mean_square_of_each_input_and_embeddings_have_none():
+    model = tiny_model("llama")
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"]
+    inputs = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    importance = input_importance(model, tiny_tokenizer(), TEXTS, names, 96, 48)
+    hook.remove()
+    x = torch.cat([a.reshape(-1, a.shape[-1]) for a in inputs])
+    assert list(importance) == names[1:]
+    torch.testing.assert_close(importance[names[1]], x.square().mean(0))
+    with pytest.raises(LightenError, match="model.embed_tokens.weight is none .an embedding table.: use"):
+        imatrix_sensitivity(model, {name: ["q8_0", "q4_0"] for name in names}, importance)

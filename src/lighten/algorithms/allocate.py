@@ -18,16 +18,14 @@ from torch import nn
 
 from lighten import formats
 from lighten.errors import LightenError
-from lighten.quantize import is_transposed
+from lighten.quantize import weight_shape
 
 
 def candidate_sizes(model: nn.Module, candidates: dict[str, list[str]]) -> dict[tuple[str, str], int]:
     """{(weight name, spec): exact stored bytes}, from the format's buffer layout (nothing is quantized)."""
     sizes = {}
     for name, specs in candidates.items():
-        shape = tuple(model.get_parameter(name).shape)
-        if is_transposed(model, name):  # stored as [out, in], so groups run along the inputs
-            shape = shape[::-1]
+        shape = weight_shape(model, name)
         for spec in specs:
             layout = formats.get(spec).layout(shape)
             sizes[name, spec] = sum(dtype.itemsize * math.prod(s) for dtype, s in layout.values())

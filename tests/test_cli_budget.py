@@ -1,0 +1,93 @@
+"""GGUF targets from the command line: budgets over the block matrices with GGUF candidates by default,
+--fallback for rows that are not whole blocks, --sensitivity, and the combinations that are refused."""
+
+import json
+
+import pytest
+from cli_helpers import assert_refused, lighten
+from tiny_models import sample_text, save_tiny, tiny_model
+
+from lighten.checkpoint import read_manifest
+from lighten.formats import get
+from lighten.plan import GGUF_CANDIDATES, make_plan
+from lighten.quantize import weight_shape
+
+# Rows of 64 (hidden size: whole 32-blocks, no 256-block), 256 (o_proj reads 4 heads of 64) and, for
+# down_proj, the intermediate size: 256, or 48 (not even whole 32-blocks).
+KQUANT_ROWS = dict(head_dim=64, intermediate_size=256)
+MIXED_ROWS = dict(head_dim=64, intermediate_size=48)
+
+
+def test_fallback_stores_each_weight_as_llama_quantize_would(tmp_path):
+    src = save_tiny("llama", tmp_path / "src", **MIXED_ROWS)
+    out = tmp_path / "q"
+    assert_refused(
+        lighten("quantize", src, "-f", "q4_k", "-o", out),
+        "q4_k stores rows in whole blocks of 256",
+        "give --fallback",
+        "(this one as q5_0)",
+        output=out,
+    )
+    result = lighten("quantize", src, "-f", "q4_k", "--fallback", "--calibration-tokens", 64, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.mlp.down_proj.weight and 1 more kept in full precision" in result.stderr
+    tensors = read_manifest(out)["tensors"]
+    model = tiny_model("llama", **MIXED_ROWS)  # the same shapes
+    for name in make_plan(model, "int8"):  # every weight a format could take
+        fallback = get("q4_k").fallback_for(weight_shape(model, name))
+        assert tensors.get(name, {}).get("spec") == (fallback and fallback.name), name
+    assert {t["spec"] for t in tensors.values()} == {"q4_k", "q5_0"}  # o_proj's rows of 256 stay q4_k
+
+
+def test_a_gguf_budget_chooses_gguf_types_within_the_bits_of_the_block_matrices(tmp_path):
+    src = save_tiny("llama", tmp_path / "src", initializer_range=0.2, **KQUANT_ROWS)
+    out = tmp_path / "q"
+    result = lighten("quantize", src, "-f", "q4_k", "--bits", 4.5, "--calibration-tokens", 64, "-o", out)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out)
+    summary = manifest["budget"]
+    assert summary["counts"] == "block matrices" and summary["sensitivity"] == "imatrix"
+    assert summary["bits_per_weight"] <= 4.5
+    assert f"over the block matrices ({summary['weights']:,} weights)" in result.stdout
+    assert f"{summary['bits_per_weight']:.4f} bits per weight" in result.stdout
+    specs = [t["spec"] for t in manifest["tensors"].values()]
+    assert set(specs) <= set(GGUF_CANDIDATES) and len(set(specs)) > 1
+    assert all(row["format"] in row["candidates"] for row in manifest["allocation"])
+    # What eval measures from the stored bytes agrees: the embedding (tied output) is kept, not counted.
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(400))
+    result = lighten("eval", out, "--text", text, "--tokens", 128, "--context", 64, "--json")
+    assert result.returncode == 0, result.stderr
+    (cand,) = json.loads(result.stdout)["candidates"]
+    assert cand["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["-f", "int4", "--bits", 4.5], "budget.candidates: missing"),
+        (["-f", "int4:g32", "--fallback"], "fallback: is for GGUF block types"),
+        (["-f", "q4_k", "--sensitivity", "kl"], "--candidates and --sensitivity only make sense with --bits"),
+        (["-f", "q4_k", "--bits", 4.5, "--sensitivity", "hessian"], "'hessian' is not one of kl, imatrix"),
+        (["--recipe", "int8-weights", "--fallback"], "--recipe describes the whole job"),
+        (["-f", "q4_k", "--bits", 4.5, "--candidates", "q4_k,q6_k"], "no budget candidate fits the rows"),
+        (
+            [
+                "-f",
+                "int8",
+                "--bits",
+                6,
+                "--candidates",
+                "int4:g32,int8",
+                "--embeddings",
+                "--sensitivity",
+                "imatrix",
+            ],
+            "model.embed_tokens.weight is none (an embedding table): use sensitivity kl",
+        ),
+    ],
+)
+def test_bad_combinations_are_refused(tmp_path, args, phrase):
+    src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "q"
+    assert_refused(lighten("quantize", src, *args, "--calibration-tokens", 64, "-o", out), phrase, output=out)
