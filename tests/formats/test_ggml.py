@@ -2,8 +2,6 @@
 its dequantizer (bit for bit) and, where it has one, its quantizer (byte for byte). The k-quant and iq4
 searches, which gguf cannot run, are checked against plain round-to-nearest on the same grids."""
 
-import time
-
 import gguf
 import numpy as np
 import pytest
@@ -161,15 +159,6 @@ def test_rows_slice_the_blocks_and_rebuild_from_stored_buffers():
     assert again.spec == "q5_k" and torch.equal(again.dequantize(), q.dequantize())
     with pytest.raises(SpecError):
         QuantizedTensor.from_tensors("q4_k", (2, 32, 512), dict(q.tensors))
-
-
-@pytest.mark.parametrize("name", SEARCHED + ["q4_1"])
-def test_a_576_by_1536_matrix_quantizes_in_seconds(name, one_thread):
-    w = torch.randn(576, 1536) * 0.02
-    for imp in (None, importance(1536)):
-        start = time.perf_counter()
-        get(name).quantize(w, imp)
-        assert time.perf_counter() - start < 5  # ~0.2-0.8 s alone on one core
 
 
 @pytest.mark.real
