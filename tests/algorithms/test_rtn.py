@@ -46,7 +46,7 @@ def test_mse_clip_never_worse_than_rtn_per_group(spec):
 
 
 def test_mse_clip_refuses_gguf_block_types():
-    with pytest.raises(LightenError, match="use algorithm rtn"):
+    with pytest.raises(LightenError, match="use algorithm imatrix, gptq, rtn or awq"):
         mse_clip_quantize(torch.randn(4, 64), formats.get("q8_0"))
 
 

@@ -69,7 +69,7 @@ TYPES = {
 # Why the algorithms that hand a format their own scales (quantize(x, scales=...)) cannot target these types.
 GGML_SCALES = (
     "a GGUF block type picks its own scales and mins with llama.cpp's search (optionally "
-    "importance-weighted); use algorithm imatrix, gptq or awq"
+    "importance-weighted); use algorithm imatrix, gptq, rtn or awq"
 )
 # Types whose llama.cpp encoder without importance (or ignoring it: q8_0, tq*) is its *_ref rounding, which
 # gguf implements: quantize calls gguf for them. The ternary ones have no search whose grid GPTQ could use.
