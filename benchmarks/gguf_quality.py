@@ -8,7 +8,7 @@ rotation, budget mixes) on smollm2-135m, each file run by llama-cpp-python on th
     python benchmarks/gguf_quality.py --rows q4_0,lighten-budget --json out.json
 
 --rows takes row names (group:key), groups (llama.cpp, llama.cpp+imatrix, lighten, lighten-gptq,
-lighten-gptq-rotated, lighten-budget) or keys (q4_0, iq4_nl, q5_0, q8_0, 4.5bits, ...). llama.cpp's tools are
+lighten-gptq-rotated, lighten-budget, lighten-budget-gptq) or keys (q4_0, iq4_nl, q5_0, q8_0, 4.5bits, ...). llama.cpp's tools are
 built once on first use (benchmarks/llama_tools.py). Every quantization runs alone, as a subprocess, one
 after another, in a temp folder; "quantize s" is the wall time of its commands: llama-imatrix (collected
 once, its time counted in every row that uses it) + llama-quantize, or `lighten quantize` (calibration
@@ -23,6 +23,7 @@ F32 file's llama.cpp logits are the reference for perplexity ratio, KL and top-1
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,9 +58,14 @@ LIGHTEN_OPTIONS = {
     "lighten-gptq": ["--algorithm", "gptq"],
     "lighten-gptq-rotated": ["--algorithm", "gptq", "--surgery", ROTATION_SURGERY],
 }
+BUDGET_OPTIONS = {"lighten-budget": [], "lighten-budget-gptq": ["--algorithm", "gptq"]}
 BUDGET_FORMAT = "q4_0"  # -f of `lighten quantize --bits B`: the budget's candidates are lighten's default
-IMATRIX_TOKENS = DEFAULT_CALIBRATION["imatrix"]["tokens"]  # what lighten calibrates its imatrix on
+# llama-imatrix reads as much calibration text as lighten's GPTQ does (lighten's own imatrix default reads
+# 2,048 tokens of the same text): llama.cpp's importance matrix is not starved.
+IMATRIX_TOKENS = DEFAULT_CALIBRATION["gptq"]["tokens"]
 HEADERS = ["row", "by", "types", "bpw (blk)", "file MB", "ppl", "ppl / fp32", "KLD", "top-1", "quantize s"]
+HEADERS += ["quantize peak MB"]
+PEAK_MB = {}  # log file stem -> peak RSS of the command run with that log
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class Row:
 
 
 ROWS = [Row(group, t) for group in ("llama.cpp", "llama.cpp+imatrix", *LIGHTEN_OPTIONS) for t in TYPES]
-ROWS += [Row("lighten-budget", b) for b in BUDGETS]
+ROWS += [Row(group, b) for group in BUDGET_OPTIONS for b in BUDGETS]
 
 
 class CommandFailed(Exception):
@@ -85,15 +91,18 @@ class CommandFailed(Exception):
 
 
 def run(command: list, log: Path) -> float:
-    """Wall seconds of `command`, its output kept in `log`; CommandFailed if it fails."""
+    """Wall seconds of `command`, its output kept in `log`; CommandFailed if it fails. Its peak RSS (MB)
+    is kept in PEAK_MB[log.stem]."""
     start = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak RSS
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
+    PEAK_MB[log.stem] = usage.ru_maxrss / 1024
+    if os.waitstatus_to_exitcode(status) != 0:
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:")] or lines or ["(no output)"]
-        raise CommandFailed(f"{errors[-1].removeprefix('error: ')} (exit {done.returncode})")
+        raise CommandFailed(f"{errors[-1].removeprefix('error: ')} (exit {os.waitstatus_to_exitcode(status)})")
     return seconds
 
 
@@ -137,8 +146,8 @@ class Bench:
             command = [self.tools()["llama-quantize"], *imatrix, self.f32, out, row.key.upper(), THREADS]
             return out, seconds + run(command, log)
         checkpoint = self.work / row.name
-        if row.group == "lighten-budget":
-            options = ["-f", BUDGET_FORMAT, "--bits", row.key.removesuffix("bits")]
+        if row.group in BUDGET_OPTIONS:
+            options = ["-f", BUDGET_FORMAT, "--bits", row.key.removesuffix("bits"), *BUDGET_OPTIONS[row.group]]
         else:
             options = ["-f", row.key, *LIGHTEN_OPTIONS[row.group]]
         seconds = run(lighten_cli("quantize", MODEL, *options, "-o", checkpoint), log)
@@ -210,6 +219,7 @@ def table_row(result: dict, reference_ppl: float) -> list[str]:
         f"{result['kl']:.4f}",
         f"{100 * result['top1']:.1f} %",
         f"{result['seconds']:.0f}" if "seconds" in result else "–",
+        f"{result['peak_mb']:.0f}" if "peak_mb" in result else "–",
     ]
 
 
@@ -233,7 +243,7 @@ def measure(rows: list[Row], windows, work: Path, tokenizer) -> tuple[list[dict]
         except CommandFailed as e:
             results.append(result | {"error": str(e)})
             continue
-        result |= {"seconds": seconds} | file_facts(path)
+        result |= {"seconds": seconds, "peak_mb": PEAK_MB[row.name]} | file_facts(path)
         results.append(result | llamacpp_fidelity(path, windows, reference, THREADS))
     return results, bench.imatrix_seconds
 
@@ -261,7 +271,8 @@ def main():
     print(
         f"{MODEL} in llama.cpp (llama-cpp-python), {cpu_name()}, {THREADS} threads; {args.tokens} held-out "
         f"Wikipedia tokens in {len(windows)} windows of {CONTEXT} ({n_predicted} predicted); KLD and top-1 "
-        f"against the F32 GGUF; imatrix: {IMATRIX_TOKENS} calibration tokens"
+        f"against the F32 GGUF; calibration tokens: llama-imatrix {IMATRIX_TOKENS}, lighten "
+        + ", ".join(f"{name} {c['tokens']}" for name, c in DEFAULT_CALIBRATION.items())
         + (f" ({imatrix})" if imatrix else "")
         + "\n"
     )

@@ -9,7 +9,7 @@ from torch import nn
 
 from lighten import formats
 from lighten.algorithms.activations import collect_input_stats
-from lighten.algorithms.awq import awq_apply, awq_error, awq_search_scales
+from lighten.algorithms.awq import awq_apply, awq_error, awq_scale_group, awq_search_scales
 from lighten.models.arch import model_view
 from lighten.plan import make_plan
 from lighten.surgery.smooth import scale_norm_group
@@ -70,3 +70,23 @@ def test_awq_apply_quantizes_the_folded_model():
         for group, rgroup in ((b.attn, rb.attn), (b.mlp, rb.mlp)):
             for lin, rlin in zip(group.linears.values(), rgroup.linears.values(), strict=True):
                 torch.testing.assert_close(lin.weight * group.norm.weight, rlin.weight * rgroup.norm.weight)
+
+
+def test_awq_into_gguf_weighs_columns_by_the_rescaled_inputs():
+    """For a GGUF type each reader's importance is mean (x / s)^2 of its rescaled inputs, and llama.cpp's
+    search weighted by it leaves less importance-weighted error than the unweighted reference encoder."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    plan, fmt = make_plan(model, "q4_0"), formats.get("q4_0")
+    before = copy.deepcopy(model)
+    group, rgroup = model_view(model).blocks[0].mlp, model_view(before).blocks[0].mlp
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * (torch.arange(64) % 7 + 0.5)
+    importance = awq_scale_group(group, x, plan)
+    s = rgroup.norm.weight / group.norm.weight  # the norm holds gamma / s after folding
+    assert importance.keys() == group.linears.keys()
+    weighted = unweighted = 0.0
+    for name, linear in group.linears.items():
+        torch.testing.assert_close(importance[name], (x / s).square().mean(0), rtol=1e-4, atol=0)
+        w, imp = linear.weight.detach(), importance[name]
+        weighted += ((fmt.quantize(w, importance=imp).dequantize() - w).square() * imp).sum().item()
+        unweighted += ((fmt.quantize(w).dequantize() - w).square() * imp).sum().item()
+    assert weighted < 0.9 * unweighted

@@ -8,6 +8,9 @@ at the cost of the others; s = mean|x|^alpha, with alpha searched on calibration
 
 In a pre-norm block diag(s)^-1 folds exactly into the norm that feeds the linears (gamma and beta / s), so
 the model computes the same function with no extra op: only the quantization error changes.
+
+GGUF types are searched and quantized with llama.cpp's importance-weighted scale search, the importance
+being the mean (x / s)^2 of each input column of the rescaled inputs (the imatrix of the folded model).
 """
 
 import math
@@ -18,7 +21,7 @@ from torch import nn
 from lighten import formats
 from lighten.algorithms.activations import InputStats
 from lighten.algorithms.registry import SAMPLES, Algorithm
-from lighten.algorithms.rtn import RTN
+from lighten.algorithms.imatrix import imatrix_quantize
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
 from lighten.models.arch import ModelView, NormGroup, model_view, weight_out_in
@@ -30,9 +33,10 @@ from lighten.surgery.smooth import scale_norm_group
 def awq_error(x: torch.Tensor, linears: list[nn.Module], fmt: Format, s: torch.Tensor) -> float:
     """Squared output error on inputs x [tokens, in] of quantizing each linear with scales s."""
     err = 0.0
+    importance = _importance(x, s)
     for linear in linears:
         w = weight_out_in(linear).detach().float()
-        w_hat = fmt.fake_quantize(w * s) / s
+        w_hat = imatrix_quantize(w * s, fmt, importance).dequantize() / s
         err += (x @ (w_hat - w).t()).square().sum().item()
     return err
 
@@ -54,12 +58,21 @@ def awq_search_scales(x: torch.Tensor, linears: list[nn.Module], fmt: Format, gr
     return best
 
 
-def awq_scale_group(group: NormGroup, x: torch.Tensor, plan: dict[str, str], grid: int = 20) -> None:
+def _importance(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """mean (x / s)^2 per input column: what llama.cpp's search weighs the rescaled weights' columns by."""
+    return (x / s).square().mean(0)
+
+
+def awq_scale_group(
+    group: NormGroup, x: torch.Tensor, plan: dict[str, str], grid: int = 20
+) -> dict[str, torch.Tensor]:
     """Search and fold the scales of one norm group, judged on the planned linears among its readers (the
-    others are folded too, which keeps them exact). No planned reader: nothing to do."""
+    others are folded too, which keeps them exact). Returns {reader: mean x^2 per input column of its
+    rescaled inputs}, the importance its GGUF-type quantization weighs columns by. No planned reader:
+    nothing to do."""
     planned = [name for name in group.linears if f"{name}.weight" in plan]
     if not planned:
-        return
+        return {}
     specs = {plan[f"{name}.weight"] for name in planned}
     if len(specs) > 1:
         raise LightenError(
@@ -67,6 +80,7 @@ def awq_scale_group(group: NormGroup, x: torch.Tensor, plan: dict[str, str], gri
         )
     s = awq_search_scales(x, [group.linears[name] for name in planned], formats.get(specs.pop()), grid)
     scale_norm_group(group, s)
+    return dict.fromkeys(group.linears, _importance(x.float(), s))
 
 
 def norms_to_fold(view: ModelView, algorithm: str = "AWQ") -> bool:
@@ -91,6 +105,7 @@ def awq_apply(
     view = model_view(model)
     if not norms_to_fold(view):
         return quantize_weights(model, plan)
+    importance = {}
     for group in (g for block in view.blocks for g in (block.attn, block.mlp)):
         source = next((stats_or_inputs[n] for n in group.linears if n in stats_or_inputs), None)
         if source is None:
@@ -98,9 +113,11 @@ def awq_apply(
         x = source.sample if isinstance(source, InputStats) else source
         if len(x) == 0:
             raise LightenError("AWQ needs input samples: collect_input_stats(..., samples=4096)")
-        awq_scale_group(group, x, plan, grid)
-    return quantize_weights(model, plan)
+        importance |= awq_scale_group(group, x, plan, grid)
+    stats = {f"{name}.weight": imp for name, imp in importance.items()}
+    return quantize_weights(model, plan, quantize_weight=imatrix_quantize, stats=stats)
 
 
-# Scales searched on each norm group's input samples and folded into the norm, then round to nearest.
-AWQ = Algorithm("awq", SAMPLES, RTN.quantize_weight, rescale_group=awq_scale_group)
+# Scales searched on each norm group's input samples and folded into the norm, then round to nearest
+# (importance-weighted for GGUF types).
+AWQ = Algorithm("awq", SAMPLES, imatrix_quantize, rescale_group=awq_scale_group)

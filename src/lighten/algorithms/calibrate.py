@@ -102,17 +102,18 @@ def calibrate_model(
             stats = _importance(layer, inputs, linears, groups)
         else:
             stats = _input_samples(layer, inputs, groups)
-        if algorithm.rescale_group:
+        if algorithm.rescale_group:  # AWQ: each reader then gets the importance of its rescaled inputs
+            samples, stats = stats, {}
             for group in groups:
-                algorithm.rescale_group(group, stats[group.name], plan)
+                stats |= algorithm.rescale_group(group, samples[group.name], plan)
         for name, linear in linears.items():
             w = weight_out_in(linear)
             fmt = formats.get(plan[f"{name}.weight"])
             q = algorithm.quantize_weight(w.detach().float(), fmt, stats.get(name))
             quantized[f"{name}.weight"] = q
             w.copy_(q.dequantize())
-        for i, (x, args, kwargs) in enumerate(inputs):  # in place: one window's extra memory at a time
-            inputs[i] = (_run(layer, x, args, kwargs), args, kwargs)
+        for x, args, kwargs in inputs:
+            x.copy_(_run(layer, x, args, kwargs))
         if streamed:
             for linear in linears.values():
                 linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=False)
@@ -154,12 +155,16 @@ def _read_block(layer: nn.Module, prefix: str, read: WeightReader) -> bool:
 def _block_inputs(model: nn.Module, first: nn.Module, windows: list[torch.Tensor]) -> list:
     """(hidden states, other args, kwargs) that `first` receives for each window. The forward stops at
     `first`: the layers after it would only waste time. Windows of one length get the same rotary tables
-    and positions: they share the first such window's objects (128 windows of 512 on SmolLM2: 33 MB)."""
+    and positions: they share the first such window's objects (128 windows of 512 on SmolLM2: 33 MB).
+
+    The hidden states of all windows are views into one buffer, which each block overwrites with its
+    outputs: held as one tensor per window, the block's temporaries would fill the holes between them
+    and the allocator could return neither to the system."""
 
     def trap(module, args, kwargs):
         raise _Captured(args, kwargs)
 
-    inputs, shared = [], []
+    inputs, shared, buffer, used = [], [], None, 0
     handle = first.register_forward_pre_hook(trap, with_kwargs=True)
     try:
         for window in windows:
@@ -167,7 +172,12 @@ def _block_inputs(model: nn.Module, first: nn.Module, windows: list[torch.Tensor
                 model(input_ids=window[None], use_cache=False)
             except _Captured as c:
                 args, kwargs = c.args, dict(c.kwargs)
-                x = args[0] if args else kwargs.pop("hidden_states")
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if buffer is None:
+                    width = hidden.shape[-1]
+                    buffer = hidden.new_empty(sum(len(w) for w in windows) * width)
+                x = buffer[used : used + hidden.numel()].view(hidden.shape).copy_(hidden)
+                used += hidden.numel()
                 rest = (args[1:], kwargs)
                 rest = next((r for r in shared if _same(r, rest)), rest)
                 if not any(r is rest for r in shared):
@@ -253,11 +263,32 @@ def _input_samples(layer: nn.Module, inputs: list, groups: tuple[NormGroup, ...]
     return {name: torch.cat(rows[m]) for name, m in readers.items()}
 
 
+class _AllSeen(Exception):
+    """Raised by the last hook a window fires: the rest of the block would compute nothing the hooks read."""
+
+
 def _forward_with_hooks(layer: nn.Module, inputs: list, hooks: dict) -> None:
-    handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
+    """Run the layer on each window with hooks {module: forward pre-hook}, stopping a window's forward once
+    every hooked module has seen its input (the MLP's output product, a quarter of the flops, is skipped)."""
+    pending = set()
+
+    def last_stops(hook):
+        def run(module, args):
+            hook(module, args)
+            pending.discard(module)
+            if not pending:
+                raise _AllSeen
+
+        return run
+
+    handles = [m.register_forward_pre_hook(last_stops(h)) for m, h in hooks.items()]
     try:
         for x, args, kwargs in inputs:
-            _run(layer, x, args, kwargs)
+            pending.update(hooks)
+            try:
+                _run(layer, x, args, kwargs)
+            except _AllSeen:
+                pass
     finally:
         for h in handles:
             h.remove()
