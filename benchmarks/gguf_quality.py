@@ -8,13 +8,14 @@ rotation, budget mixes) on smollm2-135m, each file run by llama-cpp-python on th
     python benchmarks/gguf_quality.py --rows q4_0,lighten-budget --json out.json
 
 --rows takes row names (group:key), groups (llama.cpp, llama.cpp+imatrix, lighten, lighten-gptq,
-lighten-gptq-rotated, lighten-budget, lighten-budget-gptq) or keys (q4_0, iq4_nl, q5_0, q8_0, 4.5bits, ...). llama.cpp's tools are
-built once on first use (benchmarks/llama_tools.py). Every quantization runs alone, as a subprocess, one
-after another, in a temp folder; "quantize s" is the wall time of its commands: llama-imatrix (collected
-once, its time counted in every row that uses it) + llama-quantize, or `lighten quantize` (calibration
-included; the untimed `lighten export` only packs the codes into the file, like the untimed F32 conversion
-on llama.cpp's side). bpw counts the bytes of the blk.* matrices (scales included) per weight; token_embd
-(SmolLM2 ties it to the output) is left out of it and named in "types".
+lighten-gptq-rotated, lighten-budget, lighten-budget-gptq) or keys (q4_0, iq4_nl, q5_0, q8_0, 4.5bits,
+...). llama.cpp's tools are built once on first use (benchmarks/llama_tools.py). Every quantization runs
+alone, as a subprocess, one after another, in a temp folder; "quantize s" is the wall time of its
+commands: llama-imatrix (collected once, its time counted in every row that uses it) + llama-quantize, or
+`lighten quantize` (calibration included; the untimed `lighten export` only packs the codes into the file,
+like the untimed F32 conversion on llama.cpp's side), and "quantize peak MB" the peak RSS of
+llama-quantize or `lighten quantize`. bpw counts the bytes of the blk.* matrices (scales included) per
+weight; token_embd (SmolLM2 ties it to the output) is left out of it and named in "types".
 
 Both quantizers start from the same fp32 weights: llama-quantize reads an F32 GGUF that lighten exports from
 the model it quantizes itself (F16 would round the weights before llama.cpp's quantizer saw them), and that
@@ -102,7 +103,8 @@ def run(command: list, log: Path) -> float:
     if os.waitstatus_to_exitcode(status) != 0:
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:")] or lines or ["(no output)"]
-        raise CommandFailed(f"{errors[-1].removeprefix('error: ')} (exit {os.waitstatus_to_exitcode(status)})")
+        code = os.waitstatus_to_exitcode(status)
+        raise CommandFailed(f"{errors[-1].removeprefix('error: ')} (exit {code})")
     return seconds
 
 
@@ -147,7 +149,8 @@ class Bench:
             return out, seconds + run(command, log)
         checkpoint = self.work / row.name
         if row.group in BUDGET_OPTIONS:
-            options = ["-f", BUDGET_FORMAT, "--bits", row.key.removesuffix("bits"), *BUDGET_OPTIONS[row.group]]
+            bits = row.key.removesuffix("bits")
+            options = ["-f", BUDGET_FORMAT, "--bits", bits, *BUDGET_OPTIONS[row.group]]
         else:
             options = ["-f", row.key, *LIGHTEN_OPTIONS[row.group]]
         seconds = run(lighten_cli("quantize", MODEL, *options, "-o", checkpoint), log)

@@ -50,9 +50,7 @@ def test_run_refuses_an_empty_prompt(tiny, family):
 
 @pytest.mark.parametrize("n", [0, -1])
 def test_run_refuses_fewer_than_one_new_token(tiny, n):
-    assert_refused(
-        lighten("run", tiny["gpt2"], "-p", "the model", "--max-new-tokens", n), "at least 1"
-    )
+    assert_refused(lighten("run", tiny["gpt2"], "-p", "the model", "--max-new-tokens", n), "at least 1")
 
 
 @pytest.mark.parametrize("family,limit", [("gpt2", 1024), ("bert", 512)])

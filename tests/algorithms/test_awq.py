@@ -75,7 +75,7 @@ def test_awq_apply_quantizes_the_folded_model():
 def test_awq_into_gguf_weighs_columns_by_the_rescaled_inputs():
     """For a GGUF type each reader's importance is mean (x / s)^2 of its rescaled inputs, and llama.cpp's
     search weighted by it leaves less importance-weighted error than the unweighted reference encoder."""
-    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model = tiny_model("llama")
     plan, fmt = make_plan(model, "q4_0"), formats.get("q4_0")
     before = copy.deepcopy(model)
     group, rgroup = model_view(model).blocks[0].mlp, model_view(before).blocks[0].mlp

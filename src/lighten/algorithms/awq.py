@@ -20,8 +20,8 @@ from torch import nn
 
 from lighten import formats
 from lighten.algorithms.activations import InputStats
-from lighten.algorithms.registry import SAMPLES, Algorithm
 from lighten.algorithms.imatrix import imatrix_quantize
+from lighten.algorithms.registry import SAMPLES, Algorithm
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
 from lighten.models.arch import ModelView, NormGroup, model_view, weight_out_in

@@ -292,4 +292,3 @@ def _decode_table(fmt: Format) -> torch.Tensor:
         return el.decode(torch.arange(3 if el is TERNARY else 2**el.bits, dtype=torch.uint8))
     values = el.decode(packing.unpack_bits(torch.arange(256, dtype=torch.uint8), el.bits, 256 * 8 // el.bits))
     return values.view(torch.int64 if el.bits == 4 else torch.float32)
-
