@@ -22,13 +22,13 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
 from lighten.export.gguf import (  # noqa: E402
+    _encode,
     export_gguf,
     export_gguf_from,
     gguf_tensor_name,
     is_lighten_gguf,
     permute_rope,
 )
-from lighten.export.kquants import pack_q4_k, pack_q6_k, quantize_q4_k, quantize_q6_k  # noqa: E402
 from lighten.export.llamacpp import open_llama  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,7 +91,7 @@ def read_back(path, model, permuted: bool):
     for t in gguf.GGUFReader(path).tensors:
         shape = tuple(reversed(t.shape.tolist()))
         w = dequantize(t.data, t.tensor_type).reshape(shape)
-        known = t.tensor_type in (T.Q8_0, T.Q5_0, T.Q4_0, T.Q4_K, T.Q6_K)  # the types lighten re-quantizes to
+        known = t.tensor_type in (T.Q8_0, T.Q5_0, T.Q4_0)  # round-to-nearest types with a step bound
         step = block_steps(t.tensor_type, t.data).reshape(shape) if known else None
         heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
         for part, n in heads.items():
@@ -105,34 +105,22 @@ def read_back(path, model, permuted: bool):
 def block_steps(qtype, data) -> np.ndarray:
     """The quantization step of every weight, read from the packed blocks (layouts of ggml-common.h)."""
     raw = np.asarray(data).reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
-    if qtype in (T.Q8_0, T.Q5_0, T.Q4_0):  # fp16 d first, one per 32 weights
-        return np.repeat(raw[:, :2].copy().view(np.float16).astype(np.float32), 32, axis=1).ravel()
-    if qtype == T.Q4_K:  # fp16 d first, then dmin, then 6-bit scales packed in 12 bytes: one per 32 weights
-        d = raw[:, :2].copy().view(np.float16).astype(np.float32)
-        s = raw[:, 4:16].astype(np.int32)
-        scales = np.concatenate([s[:, :4] & 63, (s[:, 8:] & 0x0F) | ((s[:, :4] >> 6) << 4)], axis=1)
-        return np.repeat(d * scales, 32, axis=1).ravel()
-    assert qtype == T.Q6_K  # int8 scales[16] at 192, fp16 d at 208: one step per 16 weights
-    d = raw[:, 208:210].copy().view(np.float16).astype(np.float32)
-    return np.repeat(d * raw[:, 192:208].view(np.int8).astype(np.float32), 16, axis=1).ravel()
+    assert qtype in (T.Q8_0, T.Q5_0, T.Q4_0)  # fp16 d first, one per 32 weights
+    return np.repeat(raw[:, :2].copy().view(np.float16).astype(np.float32), 32, axis=1).ravel()
 
 
 def assert_within_step(qtype, step: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """|y - x| within the format's bound: half a step, except where gguf's quantizers leave the grid.
 
-    lighten's k-quants choose scales so that every weight lies within the grid's span. gguf's Q4_0 / Q5_0 /
-    Q8_0 grids are step * k for k in [-8, 7] / [-16, 15] / [-127, 127], and a block's largest magnitude maps
-    to -8 / -16, so a value of the opposite sign near +8 / +16 steps is clamped to 7 / 15: its error is its
-    distance to the grid's end. They also round with the fp32 scale and store it as fp16, which costs up to
-    |k| · step · 2^-11 more."""
+    gguf's Q4_0 / Q5_0 / Q8_0 grids are step * k for k in [-8, 7] / [-16, 15] / [-127, 127], and a block's
+    largest magnitude maps to -8 / -16, so a value of the opposite sign near +8 / +16 steps is clamped to
+    7 / 15: its error is its distance to the grid's end. They also round with the fp32 scale and store it
+    as fp16, which costs up to |k| · step · 2^-11 more."""
     x, y, step = x.ravel(), y.ravel(), np.abs(step.ravel())
-    if qtype in (T.Q6_K, T.Q4_K):
-        bound = 0.5 * step + 1e-6 * (np.abs(x) + 16 * step)  # float32 rounding of scale · code - min
-    else:
-        top = {T.Q4_0: 7, T.Q5_0: 15, T.Q8_0: 127}[qtype]
-        k = np.abs(x) / np.maximum(step, 1e-30)
-        beyond_grid = np.maximum(0, k - top - 0.5) * step
-        bound = 0.5 * step + beyond_grid + np.minimum(k + 1, 128) * step * 2.0**-11 + 1e-6 * np.abs(x)
+    top = {T.Q4_0: 7, T.Q5_0: 15, T.Q8_0: 127}[qtype]
+    k = np.abs(x) / np.maximum(step, 1e-30)
+    beyond_grid = np.maximum(0, k - top - 0.5) * step
+    bound = 0.5 * step + beyond_grid + np.minimum(k + 1, 128) * step * 2.0**-11 + 1e-6 * np.abs(x)
     assert (np.abs(y - x) <= bound).all(), float(np.max(np.abs(y - x) - bound))
 
 
@@ -162,6 +150,9 @@ def test_tiny_round_trip_within_format_bound(tiny_export, arch, qtype):
             np.testing.assert_array_equal(y, x)
         elif expected == T.F16:
             np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))
+        elif expected in (T.Q6_K, T.Q4_K):  # the zoo's llama.cpp search, row by row (rope moves whole rows)
+            fmt = formats.get(expected.name)
+            np.testing.assert_array_equal(y, fmt.fake_quantize(torch.from_numpy(x)).numpy())
         else:
             assert_within_step(t.tensor_type, step, x, y)
 
@@ -233,42 +224,21 @@ def test_rope_permutation_turns_rotate_half_into_interleaved_pairs():
     np.testing.assert_array_equal(unpermute_rope(permute_rope(rows(q), heads), heads), rows(q))
 
 
-def test_q6_k_packing_matches_gguf_dequantize_exactly():
-    rng = np.random.default_rng(0)
-    q = rng.integers(0, 64, (6, 256), dtype=np.uint8)
-    q[0] = np.arange(256) % 64  # every code at every position class
-    scales = rng.integers(-128, 128, (6, 16)).astype(np.int8)
-    d = rng.standard_normal(6).astype(np.float16)
-    expected = d.astype(np.float32)[:, None] * np.repeat(scales, 16, axis=1) * (q.astype(np.float32) - 32)
-    np.testing.assert_array_equal(dequantize(pack_q6_k(q, scales, d), T.Q6_K), expected)
-
-
-def test_q4_k_packing_matches_gguf_dequantize_exactly():
-    rng = np.random.default_rng(0)
-    q = rng.integers(0, 16, (6, 256), dtype=np.uint8)
-    scales, mins = rng.integers(0, 64, (2, 6, 8), dtype=np.uint8)
-    scales[0], mins[0] = np.arange(56, 64), np.arange(8)  # all 6 bits in use, at every position
-    d, dmin = rng.standard_normal((2, 6)).astype(np.float16)
-    expected = d.astype(np.float32)[:, None] * np.repeat(scales, 32, axis=1) * q
-    expected -= dmin.astype(np.float32)[:, None] * np.repeat(mins, 32, axis=1)
-    np.testing.assert_array_equal(dequantize(pack_q4_k(q, scales, mins, d, dmin), T.Q4_K), expected)
-
-
-@pytest.mark.parametrize(
-    "qtype,quantize", [(T.Q6_K, quantize_q6_k), (T.Q4_K, quantize_q4_k)], ids=["Q6_K", "Q4_K"]
-)
-def test_k_quant_error_bound_on_rough_rows(qtype, quantize):
-    """Outliers, zero sub-blocks and scales spanning decades: still within half a step everywhere."""
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q4_K], ids=["Q6_K", "Q4_K"])
+def test_k_quants_are_the_zoo_s_on_rough_rows(tmp_path, qtype):
+    """Outliers, a zero sub-block and scales spanning decades: the export writes the bytes of the zoo's
+    format (llama.cpp's reference search, tested in tests/formats), a zero sub-block stays zero."""
     rng = np.random.default_rng(1)
     scale = np.repeat(10.0 ** rng.uniform(-4, 1, (8, 32)), 16, axis=1)
     x = (rng.standard_normal((8, 512)) * scale).astype(np.float32)
     x[0, :32] = 0
     x[1, 7] = 300.0
-    x[2, :256] = np.abs(x[2, :256]) + 1  # all positive: the grid must still start at 0
-    packed = quantize(x)
+    x[2, :256] = np.abs(x[2, :256]) + 1  # all positive
+    packed = _encode(x, qtype)
     assert packed.shape == (8, 2 * gguf.GGML_QUANT_SIZES[qtype][1])
+    expected = formats.get(qtype.name).quantize(torch.from_numpy(x)).tensors["blocks"].numpy()
+    np.testing.assert_array_equal(packed, expected)
     y = dequantize(packed, qtype)
-    assert_within_step(qtype, block_steps(qtype, packed), x, y)
     assert (y[0, :32] == 0).all()
     assert np.linalg.norm(y - x) / np.linalg.norm(x) < {T.Q6_K: 0.03, T.Q4_K: 0.12}[qtype]
 

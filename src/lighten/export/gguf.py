@@ -42,8 +42,6 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise LightenError("GGUF export needs the gguf package: pip install gguf") from e
 
-from lighten.export.kquants import quantize_q4_k, quantize_q6_k
-
 QUANTIZED_BY = "lighten"  # general.quantized_by: how `--force` recognises a GGUF lighten wrote
 QTYPES = {
     "F32": (T.F32, gguf.LlamaFileType.ALL_F32),  # the unquantized model as it is: llama-quantize's input
@@ -55,7 +53,6 @@ QTYPES = {
 }
 FALLBACK = {T.Q6_K: T.Q8_0, T.Q4_K: T.Q5_0, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q4_0: T.F16}
 FOUR_BIT = {T.Q4_0, T.Q4_K}
-K_QUANTIZERS = {T.Q6_K: quantize_q6_k, T.Q4_K: quantize_q4_k}
 
 # HF class → (GGUF architecture, whether q/k need the rotary permutation). Llama's rotate_half rope pairs
 # dimension i with i + d/2; llama.cpp's "llama" rope pairs 2i with 2i+1, so q and k rows are re-ordered.
@@ -266,7 +263,10 @@ def _file_type(qtype: str, blocks: dict[str, QuantizedTensor]) -> gguf.LlamaFile
 
 
 def _encode(w: np.ndarray, qtype: T) -> np.ndarray:
-    return K_QUANTIZERS[qtype](w) if qtype in K_QUANTIZERS else gguf.quants.quantize(w, qtype)
+    """F32 / F16 by gguf; the block types by the zoo's GGUF formats: llama.cpp's reference quantizers."""
+    if qtype in (T.F32, T.F16):
+        return gguf.quants.quantize(w, qtype)
+    return formats.get(qtype.name).quantize(torch.from_numpy(w)).tensors["blocks"].numpy()
 
 
 def _add_hparams(writer, config) -> None:
