@@ -13,9 +13,8 @@ lighten-gptq-rotated, lighten-budget, lighten-budget-gptq) or keys (q4_0, iq4_nl
 alone, as a subprocess, one after another, in a temp folder; "quantize s" is the wall time of its
 commands: llama-imatrix (collected once, its time counted in every row that uses it) + llama-quantize, or
 `lighten quantize` (calibration included; the untimed `lighten export` only packs the codes into the file,
-like the untimed F32 conversion on llama.cpp's side), and "quantize peak MB" the peak RSS of
-llama-quantize or `lighten quantize`. bpw counts the bytes of the blk.* matrices (scales included) per
-weight; token_embd (SmolLM2 ties it to the output) is left out of it and named in "types".
+like the untimed F32 conversion on llama.cpp's side). bpw counts the bytes of the blk.* matrices (scales
+included) per weight; token_embd (SmolLM2 ties it to the output) is left out of it and named in "types".
 
 Both quantizers start from the same fp32 weights: llama-quantize reads an F32 GGUF that lighten exports from
 the model it quantizes itself (F16 would round the weights before llama.cpp's quantizer saw them), and that
@@ -24,7 +23,6 @@ F32 file's llama.cpp logits are the reference for perplexity ratio, KL and top-1
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -65,8 +63,6 @@ BUDGET_FORMAT = "q4_0"  # -f of `lighten quantize --bits B`: the budget's candid
 # 2,048 tokens of the same text): llama.cpp's importance matrix is not starved.
 IMATRIX_TOKENS = DEFAULT_CALIBRATION["gptq"]["tokens"]
 HEADERS = ["row", "by", "types", "bpw (blk)", "file MB", "ppl", "ppl / fp32", "KLD", "top-1", "quantize s"]
-HEADERS += ["quantize peak MB"]
-PEAK_MB = {}  # log file stem -> peak RSS of the command run with that log
 
 
 @dataclass(frozen=True)
@@ -92,19 +88,15 @@ class CommandFailed(Exception):
 
 
 def run(command: list, log: Path) -> float:
-    """Wall seconds of `command`, its output kept in `log`; CommandFailed if it fails. Its peak RSS (MB)
-    is kept in PEAK_MB[log.stem]."""
+    """Wall seconds of `command`, its output kept in `log`; CommandFailed if it fails."""
     start = time.perf_counter()
     with log.open("w") as out:
-        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak RSS
+        done = subprocess.run([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    PEAK_MB[log.stem] = usage.ru_maxrss / 1024
-    if os.waitstatus_to_exitcode(status) != 0:
+    if done.returncode != 0:
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:")] or lines or ["(no output)"]
-        code = os.waitstatus_to_exitcode(status)
-        raise CommandFailed(f"{errors[-1].removeprefix('error: ')} (exit {code})")
+        raise CommandFailed(f"{errors[-1].removeprefix('error: ')} (exit {done.returncode})")
     return seconds
 
 
@@ -222,7 +214,6 @@ def table_row(result: dict, reference_ppl: float) -> list[str]:
         f"{result['kl']:.4f}",
         f"{100 * result['top1']:.1f} %",
         f"{result['seconds']:.0f}" if "seconds" in result else "–",
-        f"{result['peak_mb']:.0f}" if "peak_mb" in result else "–",
     ]
 
 
@@ -246,7 +237,7 @@ def measure(rows: list[Row], windows, work: Path, tokenizer) -> tuple[list[dict]
         except CommandFailed as e:
             results.append(result | {"error": str(e)})
             continue
-        result |= {"seconds": seconds, "peak_mb": PEAK_MB[row.name]} | file_facts(path)
+        result |= {"seconds": seconds} | file_facts(path)
         results.append(result | llamacpp_fidelity(path, windows, reference, THREADS))
     return results, bench.imatrix_seconds
 
