@@ -48,14 +48,12 @@ CONTEXT = 512
 THREADS = 2
 TYPES = ("q4_0", "iq4_nl", "q5_0", "q8_0")
 BUDGETS = ("4.5bits", "5.0bits", "6.0bits")
-# lighten's options per group. The fused rotation step and GGUF candidates for budgets are being added on
-# other branches: their names are here to change in one place. A command that fails becomes a row that
-# says so.
-ROTATION_SURGERY = "fold,rotate_fused"
+# `lighten quantize` options per group (single types; budgets below). A command that fails becomes a row
+# that says so.
 LIGHTEN_OPTIONS = {
     "lighten": [],
     "lighten-gptq": ["--algorithm", "gptq"],
-    "lighten-gptq-rotated": ["--algorithm", "gptq", "--surgery", ROTATION_SURGERY],
+    "lighten-gptq-rotated": ["--algorithm", "gptq", "--surgery", "fold,rotate_fused"],
 }
 BUDGET_OPTIONS = {"lighten-budget": [], "lighten-budget-gptq": ["--algorithm", "gptq"]}
 BUDGET_FORMAT = "q4_0"  # -f of `lighten quantize --bits B`: the budget's candidates are lighten's default
