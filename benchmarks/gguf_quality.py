@@ -55,8 +55,8 @@ LIGHTEN_OPTIONS = {
     "lighten-gptq": ["--algorithm", "gptq"],
     "lighten-gptq-rotated": ["--algorithm", "gptq", "--surgery", "fold,rotate_fused"],
 }
+# `lighten quantize --bits B` with these: no --format, so the budget chooses among lighten's GGUF candidates.
 BUDGET_OPTIONS = {"lighten-budget": [], "lighten-budget-gptq": ["--algorithm", "gptq"]}
-BUDGET_FORMAT = "q4_0"  # -f of `lighten quantize --bits B`: the budget's candidates are lighten's default
 # llama-imatrix reads as much calibration text as lighten's GPTQ does (lighten's own imatrix default reads
 # 2,048 tokens of the same text): llama.cpp's importance matrix is not starved.
 IMATRIX_TOKENS = DEFAULT_CALIBRATION["gptq"]["tokens"]
@@ -140,7 +140,7 @@ class Bench:
         checkpoint = self.work / row.name
         if row.group in BUDGET_OPTIONS:
             bits = row.key.removesuffix("bits")
-            options = ["-f", BUDGET_FORMAT, "--bits", bits, *BUDGET_OPTIONS[row.group]]
+            options = ["--bits", bits, *BUDGET_OPTIONS[row.group]]
         else:
             options = ["-f", row.key, *LIGHTEN_OPTIONS[row.group]]
         seconds = run(lighten_cli("quantize", MODEL, *options, "-o", checkpoint), log)

@@ -1,6 +1,5 @@
 """The `lighten` command: parse, call one library function, print. No logic the library lacks."""
 
-import ctypes
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lighten.errors import LightenError
+from lighten.memory import map_large_allocations
 
 # Everything lighten reads is local; say so to huggingface_hub, and keep its bars out of ours.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,7 +40,7 @@ def _interrupt(signum, frame):
 
 def main() -> None:
     """Console-script entry: a user mistake prints one `error:` line and exits 2, never a traceback."""
-    _return_freed_memory()
+    map_large_allocations()
     signal.signal(signal.SIGINT, _interrupt)
     try:
         # Not standalone: typer would print usage errors as a boxed panel and swallow Ctrl-C.
@@ -59,20 +59,6 @@ def main() -> None:
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
     sys.exit(2)
-
-
-def _return_freed_memory() -> None:
-    """Have glibc serve each allocation of 4 MB or more with a mapping of its own, which free() unmaps. By
-    default it raises that threshold to the largest block freed so far (up to 32 MB), and then a calibration's
-    big temporaries (Hessians, a block's weights) come from the heap, where the small tensors that outlive
-    them (the quantized layers) keep the freed space from going back: a higher peak RSS. Below 4 MB are the
-    activations of one calibration window (512 tokens x 1,536 x 4 bytes = 3 MB on SmolLM2): unmapped at
-    each free, they were mapped and zero-filled again by every forward (53 M page faults, 214 s of system
-    time in a GPTQ run), and a wider model's larger ones cost less than its matmuls per byte."""
-    try:
-        ctypes.CDLL(None).mallopt(-3, 4 * 2**20)  # -3: M_MMAP_THRESHOLD
-    except AttributeError:  # not glibc
-        pass
 
 
 def _print_json(obj) -> None:
@@ -155,7 +141,7 @@ def quantize(
             "--format",
             "-f",
             help="Format spec: int4:g128, nf4, ... or a GGUF type (q4_0, q4_k, ...), which makes a budget a "
-            "GGUF budget.",
+            "GGUF budget. Default with a budget: q4_0 (a GGUF budget).",
         ),
     ] = None,
     algorithm: Annotated[
@@ -221,7 +207,7 @@ def quantize(
 ):
     """Quantize and save packed codes + scales: a recipe, or a format (+ algorithm, surgery, budget)."""
     from lighten.pipeline import quantize_to_dir
-    from lighten.recipes import load_recipe, recipe_from_options
+    from lighten.recipes import BUDGET_FORMAT, load_recipe, recipe_from_options
 
     if bits is not None:
         if budget is not None:
@@ -243,11 +229,11 @@ def quantize(
                 "--recipe describes the whole job: drop --format/--algorithm/--surgery/--budget/..."
             )
         plan = load_recipe(recipe)
-    elif format is None:
-        raise LightenError("give --format SPEC (see `lighten formats`) or --recipe")
+    elif format is None and budget is None:
+        raise LightenError("give --format SPEC (see `lighten formats`), a budget (--bits N) or --recipe")
     else:
         plan = recipe_from_options(
-            format,
+            format or BUDGET_FORMAT,
             algorithm,
             _csv(surgery),
             tuple(skip or ()),

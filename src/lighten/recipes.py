@@ -45,6 +45,9 @@ KEEP = "keep"
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 BUDGET_FORMS = "bytes (12MB, 12.5MiB, 300KB) or average bits per quantized weight (4.5bits)"
 BUDGET_KEYS = {"size", "candidates", "sensitivity"}
+# The format of a budget given without one: a GGUF type, so that the budget chooses among llama.cpp's types
+# (lighten.plan.GGUF_CANDIDATES, which hold it) and the result exports to GGUF as it is.
+BUDGET_FORMAT = "q4_0"
 SENSITIVITIES = ("kl", "imatrix")  # lighten.algorithms.sensitivity: measured KL, or imatrix-weighted error
 KEYS = (
     "name",

@@ -20,6 +20,7 @@ from lighten.algorithms.activations import token_windows
 from lighten.algorithms.awq import norms_to_fold
 from lighten.algorithms.registry import HESSIAN, IMPORTANCE, Algorithm, get_algorithm
 from lighten.formats import QuantizedTensor
+from lighten.memory import release_free_pages
 from lighten.models import WeightReader
 from lighten.models.arch import Block, NormGroup, model_view, weight_out_in
 from lighten.progress import track
@@ -117,6 +118,7 @@ def calibrate_model(
         if streamed:
             for linear in linears.values():
                 linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+        release_free_pages()
     quantized |= quantize_weights(model, rest)
     _write_back(model, {name: quantized[name] for name in rest})
     return {name: quantized[name] for name in plan}

@@ -28,16 +28,18 @@ def gptq_quantize_layer(
     fmt: Format | GGMLFormat,
     block_size: int = 128,
     damp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = True,
 ) -> QuantizedTensor:
     """GPTQ of w [out, in] given the input Hessian H [in, in] (2 X^T X / n): a QuantizedTensor of `fmt`
     (any zoo format but nf4:dq and the ternary GGUF types) laid out exactly as fmt.quantize would. A group's
     scale is chosen by fmt's rule when the quantizer reaches the group's first column, from the weights as
     updated so far; for a GGUF type a group is one block (32 or 256 columns) and its scales come from
     llama.cpp's search weighted by diag(H) (the imatrix of these inputs), each column then rounded to the
-    nearest value of its block's grid. With act_order the columns go in order of decreasing H_ii (most
-    salient first) and the scales are fixed up front from the original weights ("static groups"), so each
-    group keeps one scale whatever order its columns come in."""
+    nearest value of its block's grid. With act_order (the default) the columns go in order of decreasing
+    H_ii (most salient first) and the scales are fixed up front from the original weights ("static
+    groups"), so each group keeps one scale whatever order its columns come in. On smollm2-135m at iq4_nl
+    it cut the KL to fp32 in llama.cpp from 0.095 to 0.082 (README, GGUF quality); without it each group's
+    scale comes from the weights as updated by the columns quantized before it."""
     if fmt.name in NO_GRID:
         raise LightenError(f"GPTQ cannot produce {fmt.name}: it has no scale search to round into; use rtn")
     if getattr(fmt, "dq", False):

@@ -4,8 +4,8 @@ Each algorithm is an Algorithm declared next to its maths (rtn.py, gptq.py, awq.
 says where; this module imports none of them, so that recipes can check an algorithm's name without torch.
 Options other than the defaults make another Algorithm, which calibrate_model takes as well:
 
-    act_order = dataclasses.replace(
-        GPTQ, quantize_weight=lambda w, fmt, hessian: gptq_quantize_layer(w, hessian, fmt, act_order=True)
+    in_order = dataclasses.replace(
+        GPTQ, quantize_weight=lambda w, fmt, hessian: gptq_quantize_layer(w, hessian, fmt, act_order=False)
     )
 """
 
