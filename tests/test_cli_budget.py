@@ -3,9 +3,11 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from cli_helpers import assert_refused, lighten
-from tiny_models import sample_text, save_tiny, tiny_model
+from tiny_models import sample_text, save_tiny, tiny_bpe_tokenizer, tiny_model
 
 from lighten.checkpoint import read_manifest
 from lighten.formats import get
@@ -60,6 +62,35 @@ def test_a_gguf_budget_chooses_gguf_types_within_the_bits_of_the_block_matrices(
     assert result.returncode == 0, result.stderr
     (cand,) = json.loads(result.stdout)["candidates"]
     assert cand["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
+
+
+def test_the_readme_budget_command_runs_in_llama_cpp_as_lighten_runs_it(tmp_path):
+    """The user's flow: `quantize M --bits B --algorithm gptq` (no --format: a GGUF budget), then `export Q
+    --to gguf` (no --type: every weight keeps its type), and llama.cpp computes what lighten's checkpoint
+    computes."""
+    from lighten.checkpoint import load
+    from lighten.export.llamacpp import open_llama
+
+    src = tmp_path / "src"
+    tiny_model("llama", vocab_size=300, initializer_range=0.2, **KQUANT_ROWS).save_pretrained(src)
+    tiny_bpe_tokenizer().save_pretrained(src)
+    out, path = tmp_path / "q", tmp_path / "q.gguf"
+    result = lighten("quantize", src, "--bits", 5, "--algorithm", "gptq", "--calibration-tokens", 64, "-o", out)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out)
+    specs = {t["spec"] for t in manifest["tensors"].values()}
+    assert manifest["budget"]["counts"] == "block matrices" and manifest["recipe"]["algorithm"] == "gptq"
+    assert specs <= set(GGUF_CANDIDATES) and len(specs) > 1, specs
+    result = lighten("export", out, "--to", "gguf", "--pre-tokenizer", "gpt-2", "-o", path)
+    assert result.returncode == 0, result.stderr
+    ids = list(range(5, 25))
+    llm = open_llama(path, n_ctx=64, n_threads=2, logits_all=True)
+    llm.eval(ids)
+    model, _ = load(out)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    # The weights are the same codes; llama.cpp rounds activations to 8 bits in quantized matmuls.
+    assert np.abs(np.asarray(llm.scores[: len(ids)]) - ours).max() < 0.05
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,23 @@
 """Packed linear layers: the weight stays in its quantized bytes and the matmul runs on a low-bit kernel.
 
-torch's CPU low-bit kernels are fast only with bf16 activations, so every packed layer computes in bf16: it
-casts its input to bf16 and its output back to the input's dtype.
+torch's CPU low-bit kernels are fast only with bf16 activations, so the layers on torch's kernels compute in
+bf16: they cast their input to bf16 and their output back to the input's dtype. ggml's (GGMLLinear) take
+fp32 activations, cast likewise.
 
     spec                              module         kernel
     int8:channel:sym                  Int8Linear     torch._weight_int8pack_mm, bf16 x int8
     int8:channel:sym, mode="w8a8"     W8A8Linear     torch._int_mm on int8 activations, one scale per token
       + outlier_threshold             W8A8Linear     the same, outlier columns in fp32 (LLM.int8())
     int4:g32/g64/g128/g256, sym/asym  Int4Linear     torch._weight_int4pack_mm_for_cpu (tinygemm layout)
-    GGUF block types (q4_0, q4_k, ..) GGMLLinear     decode a block of rows with gguf's dequantizer, matmul
+    GGUF block types (q4_0, q4_k, ..) GGMLLinear     ggml's CPU matmul (llama.cpp's kernels), fp32 x blocks
     anything else                     DequantLinear  decode a block of rows via a table, matmul, next block
 
 Every buffer is stored in an integer dtype (floating scales are reinterpreted, not converted): model.to(dtype)
 casts every floating tensor of a model, and that must not round the stored scales.
 
 A QuantizedTensor is read only through its format (codes, scale_zero, row slices: lighten.formats), never by
-parsing its buffers here. Int8Linear and Int4Linear keep the kernel's own layout, whose rows stack into one
-layer computing several (PackedLinear.stacked: the lean decoder's joined q/k/v and gate/up).
+parsing its buffers here. Int8Linear, Int4Linear and GGMLLinear keep the kernel's own layout, whose rows stack
+into one layer computing several (PackedLinear.stacked: the lean decoder's joined q/k/v and gate/up).
 """
 
 import functools
@@ -31,6 +32,7 @@ from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor, packing
 from lighten.formats.elements import TERNARY
 from lighten.formats.ggml import GGMLFormat
+from lighten.runtime.ggml import GGMLMatrix
 
 INT4_GROUPS = ("g32", "g64", "g128", "g256")  # the group sizes torch's int4 CPU kernel takes
 BLOCK_ELEMENTS = 2**18  # DequantLinear decodes ~this many weights at a time: 1 MB of fp32 temporaries
@@ -226,12 +228,43 @@ class DequantLinear(PackedLinear):
         return self.fmt.dequantize_values(part, _decode(self.fmt, part))
 
 
-class GGMLLinear(DequantLinear):
-    """GGUF block types, decoded a block of rows at a time by their format (gguf's numpy dequantizer): a small
-    stand-in until ggml's own kernels run these bytes."""
+class GGMLLinear(PackedLinear):
+    """GGUF block types on ggml's CPU matmul (lighten.runtime.ggml), the kernels llama.cpp runs. ggml takes
+    fp32 activations (and rounds each block of them to 8 bits itself, as in llama.cpp); the output comes
+    back in the input's dtype. blocks: the GGUF bytes as stored, uint8 [N, bytes per row], which ggml reads
+    in place (its interleaved "repack" layouts would hold a second copy: not used yet)."""
 
-    def decode_rows(self, a: int, b: int) -> torch.Tensor:
-        return self.quantized().rows(a, b).dequantize()
+    ROW_BUFFERS = {"blocks": 0}
+
+    def __init__(self, spec, in_features, blocks, bias=None):
+        super().__init__(spec, (blocks.shape[0], in_features), in_features, bias)
+        # ggml reads the bytes in place, from an address aligned to 32 (numpy's arrays may not be).
+        self.register_buffer("blocks", blocks if blocks.data_ptr() % 32 == 0 else blocks.clone())
+        self._matrix, self._matrix_of = None, None
+
+    @classmethod
+    def pack(cls, q: QuantizedTensor, bias: torch.Tensor | None = None) -> "GGMLLinear":
+        return cls(q.spec, q.shape[1], q.tensors["blocks"], bias)
+
+    def matrix(self) -> GGMLMatrix:
+        """ggml's view of `blocks`, made on first use and again if the buffer was replaced since."""
+        if self._matrix_of is not self.blocks:
+            shape = (self.out_features, self.in_features)
+            self._matrix, self._matrix_of = (
+                GGMLMatrix(self.blocks, self.spec, shape, repack=False),
+                self.blocks,
+            )
+        return self._matrix
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) makes ggml's view of its own bytes when it first runs.
+        return super().__getstate__() | {"_matrix": None, "_matrix_of": None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matrix().matmul(x.reshape(-1, self.in_features).float())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def packed_linear(
@@ -259,7 +292,7 @@ def packed_linear(
     if fmt.family == "int4" and fmt.granularity in INT4_GROUPS and q.shape[0] % 16 == 0:  # N in tiles of 16
         return Int4Linear.pack(q, bias)
     if isinstance(fmt, GGMLFormat):
-        return GGMLLinear(q, bias)
+        return GGMLLinear.pack(q, bias)
     return DequantLinear(q, bias)
 
 
