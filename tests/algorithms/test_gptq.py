@@ -41,11 +41,13 @@ SPECS = [
 ]
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("spec", SPECS)
-def test_identity_hessian_is_rtn(spec):
+def test_identity_hessian_is_rtn(spec, act_order):
     # With uncorrelated inputs no error is worth compensating: GPTQ must reduce to plain rounding.
     fmt, (w, _, _) = formats.get(spec), _layer()
-    assert _same(gptq_quantize_layer(w, torch.eye(128), fmt, block_size=64), fmt.quantize(w))
+    q = gptq_quantize_layer(w, torch.eye(128), fmt, block_size=64, act_order=act_order)
+    assert _same(q, fmt.quantize(w))
 
 
 @pytest.mark.parametrize("spec", ["int4:g32", "int3:channel:asym", "int4:g48"])

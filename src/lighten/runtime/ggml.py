@@ -16,6 +16,7 @@ so that a ggml update breaks this loudly, with a missing function named, rather 
 layout. Tested with the ggml of llama-cpp-python 0.3.36 (ggml 0.25.3).
 """
 
+import copy
 import ctypes
 import functools
 import pathlib
@@ -199,8 +200,14 @@ class GGMLMatrix:
             lib.free(self.ctx)
             self.ctx = self.buffer = self.weight = None
 
+    def __deepcopy__(self, memo):
+        # ggml's repacked copy is its own and never changes: share it. A view reads the copy's bytes.
+        if self.repacked:
+            return self
+        return GGMLMatrix(copy.deepcopy(self.data, memo), self.spec, (self.n, self.k), repack=False)
+
     def __getstate__(self):
-        raise TypeError("a GGMLMatrix holds ggml's memory and cannot be copied: make another from the bytes")
+        raise TypeError("a GGMLMatrix holds ggml's memory and cannot be pickled: make another from the bytes")
 
     def __del__(self):
         if getattr(self, "ctx", None):
