@@ -71,7 +71,7 @@ def test_kernel_matches_fake_quantized_reference(spec, shape):
     w = q.dequantize(torch.bfloat16)
     y = layer(x)
     assert y.dtype == x.dtype  # computed in bf16 (ggml: fp32), returned in the input's dtype
-    # ggml rounds x to 8 bits in blocks of 32 (test_ggml bounds it): |x - x̂| < 0.6 amax / 127 per element.
+    # ggml rounds x to 8 bits in blocks of 32 (test_ggml_matmul bounds it): |x - x̂| < 0.6 amax / 127 per element.
     extra = ggml_activation_error(x, w) if SPECS[spec] is GGMLLinear else 0.0
     assert_bf16_close(y, F.linear(x.bfloat16(), w, b.bfloat16()), x.bfloat16(), w, b, extra)
 
