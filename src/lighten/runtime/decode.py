@@ -65,14 +65,12 @@ def join_linears(layers: list[nn.Module]) -> nn.Module:
         joined = kind.stacked(layers)
     else:
         return Concat(layers)
+    rows = "weight" if kind is nn.Linear else next(iter(kind.ROW_BUFFERS))  # the buffer of the rows' values
     start = 0
     for m in layers:
         n = m.out_features
-        view = joined.weight[start : start + n]  # contiguous: whole rows
-        if kind is nn.Linear:
-            m.weight = nn.Parameter(view, requires_grad=False)
-        else:
-            m.weight = view
+        view = getattr(joined, rows)[start : start + n]  # contiguous: whole rows
+        setattr(m, rows, nn.Parameter(view, requires_grad=False) if kind is nn.Linear else view)
         start += n
     return joined
 

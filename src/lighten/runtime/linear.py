@@ -231,11 +231,9 @@ class DequantLinear(PackedLinear):
 class GGMLLinear(PackedLinear):
     """GGUF block types on ggml's CPU matmul (lighten.runtime.ggml), the kernels llama.cpp runs. ggml takes
     fp32 activations (and rounds each block of them to 8 bits itself, as in llama.cpp); the output comes
-    back in the input's dtype.
-
-    blocks: the GGUF bytes as stored, uint8 [N, bytes per row]. On the first forward ggml takes them: into
-    its interleaved layout where it has one for the type (then `blocks` goes to the meta device, so the
-    weight is held once, by ggml) or read in place. Rows stack (joined layers) before that, not after."""
+    back in the input's dtype. blocks: the GGUF bytes as stored, uint8 [N, bytes per row], which ggml reads
+    in place. ggml's interleaved "repack" layouts (GGMLMatrix(..., repack=True)) are not used yet: they hold
+    a copy of their own, beside the stored bytes that joined layers' views keep (lean decoder)."""
 
     ROW_BUFFERS = {"blocks": 0}
 
@@ -249,24 +247,19 @@ class GGMLLinear(PackedLinear):
     def pack(cls, q: QuantizedTensor, bias: torch.Tensor | None = None) -> "GGMLLinear":
         return cls(q.spec, q.shape[1], q.tensors["blocks"], bias)
 
-    @classmethod
-    def can_stack(cls, layers: list["PackedLinear"]) -> bool:
-        return super().can_stack(layers) and not any(m.blocks.is_meta for m in layers)
-
     def matrix(self) -> GGMLMatrix:
-        """ggml's copy or view of `blocks`, made on first use and again if the buffer was replaced since."""
+        """ggml's view of `blocks`, made on first use and again if the buffer was replaced since."""
         if self._matrix_of is not self.blocks:
-            self._matrix = GGMLMatrix(self.blocks, self.spec, (self.out_features, self.in_features))
-            if self._matrix.repacked:  # ggml holds its own layout: the stored bytes can go
-                self.blocks = torch.empty_like(self.blocks, device="meta")
-            self._matrix_of = self.blocks
+            shape = (self.out_features, self.in_features)
+            self._matrix, self._matrix_of = (
+                GGMLMatrix(self.blocks, self.spec, shape, repack=False),
+                self.blocks,
+            )
         return self._matrix
 
     def __getstate__(self):
-        # A copy (deepcopy) shares ggml's repacked weight, which nothing changes; a view of stored bytes is
-        # made again from the copy's own.
-        state = super().__getstate__()
-        return state if self.blocks.is_meta else state | {"_matrix": None, "_matrix_of": None}
+        # A copy (deepcopy, pickle) makes ggml's view of its own bytes when it first runs.
+        return super().__getstate__() | {"_matrix": None, "_matrix_of": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matrix().matmul(x.reshape(-1, self.in_features).float())
