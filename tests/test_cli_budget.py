@@ -74,8 +74,8 @@ def test_the_readme_budget_command_runs_in_llama_cpp_as_lighten_runs_it(tmp_path
     from lighten.export.gguf import gguf_tensor_name
     from lighten.export.llamacpp import open_llama
 
-    src = tmp_path / "src"
-    tiny_model("llama", vocab_size=300, initializer_range=0.2, **KQUANT_ROWS).save_pretrained(src)
+    src, full = tmp_path / "src", tiny_model("llama", vocab_size=300, initializer_range=0.2, **KQUANT_ROWS)
+    full.save_pretrained(src)
     tiny_bpe_tokenizer().save_pretrained(src)
     out = tmp_path / "q"
     result = lighten(
@@ -86,24 +86,25 @@ def test_the_readme_budget_command_runs_in_llama_cpp_as_lighten_runs_it(tmp_path
     specs = {name: t["spec"] for name, t in manifest["tensors"].items()}
     assert manifest["budget"]["counts"] == "block matrices" and manifest["recipe"]["algorithm"] == "gptq"
     assert set(specs.values()) <= set(GGUF_CANDIDATES) and len(set(specs.values())) > 1, specs
-    for options in ([], ["--type", "F32"]):  # F32: the embedding / output matrix exact, for the logits below
-        path = tmp_path / f"q{len(options)}.gguf"
+    # F32 keeps the embedding / output matrix exact, for the logits compared below.
+    default, f32 = tmp_path / "default.gguf", tmp_path / "f32.gguf"
+    for path, options in ((default, []), (f32, ["--type", "F32"])):
         result = lighten("export", out, "--to", "gguf", "--pre-tokenizer", "gpt-2", *options, "-o", path)
         assert result.returncode == 0, result.stderr
-    types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(tmp_path / "q0.gguf").tensors}
+    types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(default).tensors}
     assert all(types[gguf_tensor_name(name)] == spec for name, spec in specs.items())
     assert types["token_embd.weight"] == "q8_0"
     ids = list(range(5, 25))
-    llm = open_llama(path, n_ctx=64, n_threads=2, logits_all=True)
+    llm = open_llama(f32, n_ctx=64, n_threads=2, logits_all=True)
     llm.eval(ids)
     model, _ = load(out)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-        full = tiny_model("llama", vocab_size=300, initializer_range=0.2, **KQUANT_ROWS)(torch.tensor([ids]))
+        reference = full(torch.tensor([ids])).logits[0].numpy()
     # The same codes; llama.cpp rounds activations to 8 bits in its quantized matmuls, which moves these
     # large random activations' logits by ~0.04 (as much at q8_0 alone), against ~0.56 that the budget's
     # quantization moves them and the logits' own size (~1-3) that a misread type or layout would.
-    quantization = np.abs(ours - full.logits[0].numpy()).mean()
+    quantization = np.abs(ours - reference).mean()
     assert np.abs(np.asarray(llm.scores[: len(ids)]) - ours).mean() < 0.15 * quantization
 
 

@@ -16,7 +16,6 @@ so that a ggml update breaks this loudly, with a missing function named, rather 
 layout. Tested with the ggml of llama-cpp-python 0.3.36 (ggml 0.25.3).
 """
 
-import copy
 import ctypes
 import functools
 import pathlib
@@ -101,6 +100,12 @@ def _ggml():
     return lib
 
 
+def aligned(data: torch.Tensor) -> torch.Tensor:
+    """`data` itself if ggml can read it in place (contiguous, aligned to 32 bytes as its CPU kernels want),
+    else a copy that it can (torch allocates to 64; numpy's arrays may sit at 16)."""
+    return data if data.is_contiguous() and data.data_ptr() % 32 == 0 else data.clone()
+
+
 def set_threads(n: int) -> None:
     """Threads of every ggml matmul from now on (default: torch's count when lighten was imported)."""
     if n < 1:
@@ -146,8 +151,7 @@ class GGMLMatrix:
         if self.repacked:
             lib.backend_tensor_set(self.weight, data.contiguous().data_ptr(), 0, data.numel())
         else:
-            # ggml's CPU kernels want tensor data aligned to 32 bytes (torch's allocations are to 64).
-            self.data = data if data.is_contiguous() and data.data_ptr() % 32 == 0 else data.clone()
+            self.data = aligned(data)
             ptr, size = self.data.data_ptr(), self.data.numel()
             self.buffer = lib.backend_dev_buffer_from_host_ptr(lib.device, ptr, size, size)
             lib.backend_tensor_alloc(self.buffer, self.weight, ptr)
@@ -200,14 +204,9 @@ class GGMLMatrix:
             lib.free(self.ctx)
             self.ctx = self.buffer = self.weight = None
 
-    def __deepcopy__(self, memo):
-        # ggml's repacked copy is its own and never changes: share it. A view reads the copy's bytes.
-        if self.repacked:
-            return self
-        return GGMLMatrix(copy.deepcopy(self.data, memo), self.spec, (self.n, self.k), repack=False)
-
     def __getstate__(self):
-        raise TypeError("a GGMLMatrix holds ggml's memory and cannot be pickled: make another from the bytes")
+        # Copied (deepcopy, pickle), its pointers would be freed twice.
+        raise TypeError("a GGMLMatrix holds ggml's memory and cannot be copied: make another from the bytes")
 
     def __del__(self):
         if getattr(self, "ctx", None):

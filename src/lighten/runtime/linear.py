@@ -32,7 +32,7 @@ from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor, packing
 from lighten.formats.elements import TERNARY
 from lighten.formats.ggml import GGMLFormat
-from lighten.runtime.ggml import GGMLMatrix
+from lighten.runtime.ggml import GGMLMatrix, aligned
 
 INT4_GROUPS = ("g32", "g64", "g128", "g256")  # the group sizes torch's int4 CPU kernel takes
 BLOCK_ELEMENTS = 2**18  # DequantLinear decodes ~this many weights at a time: 1 MB of fp32 temporaries
@@ -239,8 +239,7 @@ class GGMLLinear(PackedLinear):
 
     def __init__(self, spec, in_features, blocks, bias=None):
         super().__init__(spec, (blocks.shape[0], in_features), in_features, bias)
-        # ggml reads the bytes in place, from an address aligned to 32 (numpy's arrays may not be).
-        self.register_buffer("blocks", blocks if blocks.data_ptr() % 32 == 0 else blocks.clone())
+        self.register_buffer("blocks", aligned(blocks))  # ggml reads these very bytes
         self._matrix, self._matrix_of = None, None
 
     @classmethod
