@@ -40,7 +40,7 @@ from lighten.algorithms.registry import DEFAULT_CALIBRATION
 from lighten.errors import LightenError
 from lighten.eval import llamacpp_fidelity, llamacpp_log_probs, token_windows, wiki_texts
 from lighten.eval.table import markdown
-from lighten.export.llamacpp import has_amx
+from lighten.cpu import has_amx
 from lighten.models import resolve
 
 MODEL = "smollm2-135m"

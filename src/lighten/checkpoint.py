@@ -28,6 +28,7 @@ from lighten.models import BUILTIN, build_model, load_model, model_kind
 from lighten.models.load import open_safetensors
 from lighten.quantize import dequantize_weight, is_transposed
 from lighten.runtime import meta_parameters, pack_layer
+from lighten.runtime.model import compute_dtype
 from lighten.surgery import restore_input_rotations
 
 MANIFEST = "lighten.json"
@@ -177,19 +178,20 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
 
     packed=False dequantizes every weight; dtype (default float32) is that of the whole model.
     packed=True swaps each quantized layer for a packed one (lighten.runtime): its weight stays in the stored
-    bytes and is never materialised in full precision; dtype (default bfloat16, what the packed kernels
-    compute in) is that of the layers left unquantized.
+    bytes and is never materialised in full precision; dtype (default: what the packed kernels compute in,
+    fp32 for GGUF block types, else bf16: lighten.runtime.model.compute_dtype) is that of the layers left
+    unquantized.
     Returns (model, tokenizer)."""
     path = Path(path)
     manifest = read_manifest(path)
-    dtype = dtype or (torch.bfloat16 if packed else torch.float32)
+    quantized = manifest["tensors"]
+    dtype = dtype or (compute_dtype([i["spec"] for i in quantized.values()]) if packed else torch.float32)
     # The shell comes from the copied config with its parameters on the meta device: no memory, no random
     # init. Each parameter is then replaced by a tensor read from the file, one tensor at a time (cast to
     # dtype as it is read; a packed layer built as soon as its codes and scales are in), so that the peak is
     # the loaded model plus one tensor, not the model plus the whole file.
     with meta_parameters():
         model, tokenizer = build_model(path)
-    quantized = manifest["tensors"]
     _require_model_weights(path, model, quantized)
     dequantized = {}
     # pread, not mmap: the pages of a mapped file count in RSS until it is closed, a whole file's worth.
@@ -213,7 +215,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
             tensors = {key: f.get_tensor(f"{name}.{key}") for key in info["keys"]}
             q = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), tensors)
             if packed:
-                pack_layer(model, name, q)
+                pack_layer(model, name, q, dtype=dtype)
             else:
                 dequantized[name] = dequantize_weight(model, name, q).to(dtype)
     model.load_state_dict(dequantized, strict=False, assign=True)

@@ -6,7 +6,8 @@ from tiny_models import tiny_bpe_tokenizer, tiny_model
 
 from lighten.export import llamacpp
 from lighten.export.gguf import export_gguf
-from lighten.export.llamacpp import has_amx, open_llama
+from lighten.cpu import has_amx
+from lighten.export.llamacpp import open_llama
 
 SAPPHIRE_RAPIDS = "flags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile amx_int8\n"
 EPYC = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"

@@ -1,12 +1,24 @@
 """ggml's CPU matmul on lighten's GGUF block bytes (lighten.runtime.ggml) against dequantize + matmul: the
 same product up to ggml's rounding of each block of activations to 8 bits, which is bounded per output."""
 
+import copy
+import pickle
+import threading
+
 import pytest
 import torch
 
 from lighten import formats
 from lighten.errors import LightenError
-from lighten.runtime.ggml import GRAPHS_PER_MATRIX, GGMLMatrix, _ggml, set_threads
+from lighten.runtime.ggml import (
+    GRAPHS_PER_PRODUCT,
+    GGMLMatrix,
+    GGMLProduct,
+    _ggml,
+    ggml_owns_cores,
+    set_threads,
+    threads,
+)
 
 TYPES = "q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl iq4_xs q2_k q3_k q4_k q5_k q6_k tq1_0 tq2_0".split()
 
@@ -39,13 +51,17 @@ def test_matches_dequantize_and_matmul_up_to_the_activation_rounding(spec, n, bl
     k = blocks * fmt.block_size
     w, x = weights_and_inputs(n, k, m)
     q = fmt.quantize(w)
-    y = GGMLMatrix(q.tensors["blocks"], spec, q.shape).matmul(x)
+    y = matmul(GGMLMatrix(q.tensors["blocks"], spec, q.shape), x)
     exact, bound = exact_and_bound(q.dequantize(), x, fmt.block_size)
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert ((y.double() - exact).abs() <= bound).all(), ((y.double() - exact).abs() / bound).max()
     # The bound is tight enough to tell a wrong layout: the rows of another weight miss it everywhere.
     other = fmt.quantize(weights_and_inputs(n, k, m, seed=1)[0])
-    assert ((GGMLMatrix(other.tensors["blocks"], spec, q.shape).matmul(x) - exact).abs() > bound).any()
+    assert ((matmul(GGMLMatrix(other.tensors["blocks"], spec, q.shape), x) - exact).abs() > bound).any()
+
+
+def matmul(w: GGMLMatrix, x: torch.Tensor) -> torch.Tensor:
+    return GGMLProduct([w]).matmul(x)
 
 
 def test_the_repacked_layout_computes_what_the_plain_one_does():
@@ -59,26 +75,83 @@ def test_the_repacked_layout_computes_what_the_plain_one_does():
     assert repacked.repacked == (lib.repack is not None) and not plain.repacked
     assert plain.data.data_ptr() == blocks.data_ptr()  # read in place, not copied
     exact, bound = exact_and_bound(q.dequantize(), x, 32)
-    for y in (repacked.matmul(x), plain.matmul(x)):
+    for y in (matmul(repacked, x), matmul(plain, x)):
         assert ((y.double() - exact).abs() <= bound).all()
 
 
-def test_batch_sizes_beyond_the_kept_graphs_and_threads():
+def test_products_side_by_side_are_the_products_of_each():
+    """Weights of different types and widths in one product: each one's output in its own columns, the
+    same numbers as alone (ggml rounds the activations once per product, as it would for each)."""
+    x = weights_and_inputs(8, 256, 3)[1]
+    parts = []
+    for seed, (spec, n) in enumerate([("q4_0", 40), ("q6_k", 24), ("q8_0", 8)]):
+        w = weights_and_inputs(n, 256, 1, seed=seed)[0]
+        parts.append(GGMLMatrix(formats.get(spec).quantize(w).tensors["blocks"], spec, (n, 256)))
+    for m in (1, 3):
+        y = GGMLProduct(parts).matmul(x[:m])
+        assert torch.equal(y, torch.cat([matmul(w, x[:m]) for w in parts], 1))
+    with pytest.raises(LightenError, match="one input width"):
+        narrow = formats.get("q4_0").quantize(torch.randn(40, 32))
+        GGMLProduct([parts[0], GGMLMatrix(narrow.tensors["blocks"], "q4_0", (40, 32))])
+
+
+def test_batch_sizes_beyond_the_kept_graphs_and_thread_counts():
     w, x = weights_and_inputs(48, 64, 1)
     q = formats.get("q8_0").quantize(w)
-    matrix = GGMLMatrix(q.tensors["blocks"], "q8_0", q.shape)
-    first = matrix.matmul(x)
-    for m in range(2, GRAPHS_PER_MATRIX + 3):  # evicts the graph of m = 1
+    product = GGMLProduct([GGMLMatrix(q.tensors["blocks"], "q8_0", q.shape)])
+    first = product.matmul(x)
+    for m in range(2, GRAPHS_PER_PRODUCT + 3):  # evicts the graph of m = 1
         xs = x.expand(m, -1)
-        assert torch.equal(matrix.matmul(xs), first.expand(m, -1))
-    assert len(matrix._graphs) == GRAPHS_PER_MATRIX
+        assert torch.equal(product.matmul(xs), first.expand(m, -1))
+    assert len(product._graphs) == GRAPHS_PER_PRODUCT
+    before = threads()
     try:
-        set_threads(1)
-        assert torch.equal(matrix.matmul(x), first)
+        for n in (1, 3, 2):  # a new pool each time; the old one is freed, not in use
+            set_threads(n)
+            assert threads() == n and torch.equal(product.matmul(x), first)
     finally:
-        set_threads(torch.get_num_threads())
+        set_threads(before)
     with pytest.raises(LightenError, match="at least 1 thread"):
         set_threads(0)
+
+
+def test_one_owner_of_the_cores_and_no_deadlock():
+    """Inside ggml_owns_cores torch runs single-threaded beside ggml's pool, and its thread count comes back
+    afterwards, also after an error. Many short products from two Python threads one after another (ggml's
+    backend is not reentrant: lighten calls it from one thread at a time) finish: nothing waits forever."""
+    w, x = weights_and_inputs(64, 256, 1)
+    product = GGMLProduct([GGMLMatrix(formats.get("q4_0").quantize(w).tensors["blocks"], "q4_0", (64, 256))])
+    expected = product.matmul(x)
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError), ggml_owns_cores():
+        assert torch.get_num_threads() == 1
+        raise ValueError
+    assert torch.get_num_threads() == 2
+    results, lock = [], threading.Lock()
+
+    def run():
+        for _ in range(200):
+            with lock, ggml_owns_cores():
+                results.append(torch.equal(product.matmul(x), expected))
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in workers) and len(results) == 400 and all(results)
+
+
+def test_copies_share_the_weights_and_pickling_is_refused():
+    w, x = weights_and_inputs(16, 64, 2)
+    matrix = GGMLMatrix(formats.get("q4_0").quantize(w).tensors["blocks"], "q4_0", (16, 64))
+    product = GGMLProduct([matrix])
+    twin = copy.deepcopy(product)
+    assert twin is not product and twin.matrices[0] is matrix
+    assert torch.equal(twin.matmul(x), product.matmul(x))
+    for thing in (matrix, product):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(thing)
 
 
 def test_mistakes_are_refused():
@@ -88,8 +161,8 @@ def test_mistakes_are_refused():
         GGMLMatrix(blocks[:4], "q4_0", q.shape)
     with pytest.raises(LightenError, match="not a GGUF block type"):
         GGMLMatrix(blocks, "int4:g32", q.shape)
-    matrix = GGMLMatrix(blocks, "q4_0", q.shape)
+    product = GGMLProduct([GGMLMatrix(blocks, "q4_0", q.shape)])
     with pytest.raises(LightenError, match=r"fp32 \[m, 64\]"):
-        matrix.matmul(torch.randn(2, 64, dtype=torch.bfloat16))
+        product.matmul(torch.randn(2, 64, dtype=torch.bfloat16))
     with pytest.raises(LightenError, match=r"fp32 \[m, 64\]"):
-        matrix.matmul(torch.randn(2, 32))
+        product.matmul(torch.randn(2, 32))

@@ -204,14 +204,24 @@ def test_gguf_layers_on_rows_of_256_blocks_and_stacked(spec):
     assert torch.equal(joined(x), torch.cat([layer(x), other(x)], -1))
 
 
-def test_gguf_layer_copies_run_on_their_own_bytes():
+def test_gguf_layers_hold_their_weight_once_and_copies_share_it():
     q, b = quantized("q4_0")
     layer = packed_linear(q, b)
+    assert list(layer.buffers()) == [] and layer.nbytes == q.nbytes  # ggml holds the one copy
     x = torch.randn(3, K)
-    before = layer(x)
     twin = copy.deepcopy(layer)
-    layer.blocks.zero_()  # ggml reads the layer's bytes in place: the copy's are its own
-    assert torch.equal(twin(x), before) and not torch.equal(layer(x), before)
+    assert twin.product.matrices[0] is layer.product.matrices[0]  # immutable: shared, not copied
+    assert torch.equal(twin(x), layer(x))
+
+
+def test_gguf_layers_of_different_types_stack():
+    (q, b), (q2, b2) = quantized("q4_0"), quantized("q8_0", n=40, seed=1)
+    parts = [packed_linear(q, b), packed_linear(q2, b2)]
+    joined = GGMLLinear.stacked(parts)
+    x = torch.randn(2, 3, K)
+    assert joined.spec == "q4_0+q8_0" and joined.out_features == N + 40
+    assert torch.equal(joined(x), torch.cat([p(x) for p in parts], -1))
+    assert not GGMLLinear.can_stack([parts[0], packed_linear(quantized("q4_0", k=64)[0])])
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4:g32:asym", "nf4", "q4_0"])

@@ -10,10 +10,8 @@ faster.
 
 from pathlib import Path
 
+from lighten.cpu import has_amx
 from lighten.errors import LightenError
-
-AMX_FLAGS = ("amx_tile", "amx_int8")
-CPUINFO = Path("/proc/cpuinfo")
 
 
 def open_llama(path: str | Path, **kwargs):
@@ -43,13 +41,3 @@ def open_llama(path: str | Path, **kwargs):
         return llama_cpp.Llama(str(path), **kwargs)
     finally:
         low_level.llama_model_default_params = defaults
-
-
-def has_amx(cpuinfo: Path = CPUINFO) -> bool:
-    """Whether the CPU has AMX tiles (Linux /proc/cpuinfo flags; False where there is no such file)."""
-    try:
-        with cpuinfo.open() as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in AMX_FLAGS)

@@ -15,6 +15,7 @@ q/k/v and gate/up each become one kernel call (join_linears); RoPE rotates the q
 tables the model's own rotary module computes once.
 """
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from torch import nn
 
 from lighten.errors import ModelError
 from lighten.models.arch import model_view
-from lighten.runtime.linear import PackedLinear
+from lighten.runtime.ggml import ggml_owns_cores
+from lighten.runtime.linear import GGMLLinear, PackedLinear
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose tables do not depend on the length
 
@@ -45,29 +47,27 @@ class Concat(nn.Module):
 def join_linears(layers: list[nn.Module]) -> nn.Module:
     """One layer computing several layers of the same input, outputs concatenated on the last dim.
 
-    Layers of one kind (nn.Linear, or a packed layer whose rows stack: PackedLinear.stacked) and one spec
-    join into one matmul over their stacked rows. The stacked weight is the only copy afterwards: each
-    original layer's weight becomes a view of its rows, so the model's own forward keeps working and no
-    memory is added. Anything else (the LUT fallback, mixed specs, a layer with hooks such as an online
-    rotation) runs as a Concat."""
+    nn.Linear layers of one dtype, and packed layers that stack (PackedLinear.stacked), join into one call.
+    Where the joined layer stacks the weights' rows, that is the only copy afterwards: each original layer's
+    weight becomes a view of its rows, so the model's own forward keeps working and no memory is added
+    (GGMLLinear shares ggml's weights and copies nothing). Anything else (the LUT fallback, mixed specs, a
+    layer with hooks such as an online rotation) runs as a Concat."""
     kind = type(layers[0])
-    same = all(
+    plain = all(
         type(m) is kind
         and not m._forward_pre_hooks
         and not m._forward_hooks
-        and _spec(m) == _spec(layers[0])
         and (m.bias is None) == (layers[0].bias is None)
         for m in layers
     )
-    if same and kind is nn.Linear:
-        joined = _stacked_linear(layers)
-    elif same and issubclass(kind, PackedLinear) and kind.can_stack(layers):
-        joined = kind.stacked(layers)
+    if plain and kind is nn.Linear and len({m.weight.dtype for m in layers}) == 1:
+        joined, rows = _stacked_linear(layers), "weight"
+    elif plain and issubclass(kind, PackedLinear) and kind.can_stack(layers):
+        joined, rows = kind.stacked(layers), next(iter(kind.ROW_BUFFERS), None)  # the rows' values
     else:
         return Concat(layers)
-    rows = "weight" if kind is nn.Linear else next(iter(kind.ROW_BUFFERS))  # the buffer of the rows' values
     start = 0
-    for m in layers:
+    for m in layers if rows else []:
         n = m.out_features
         view = getattr(joined, rows)[start : start + n]  # contiguous: whole rows
         setattr(m, rows, nn.Parameter(view, requires_grad=False) if kind is nn.Linear else view)
@@ -152,6 +152,9 @@ class Decoder:
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
         self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # [max_len, 1, head_dim]: one for all heads
+        # ggml's layers compute on its own thread pool: torch single-threaded beside it (lighten.runtime.ggml).
+        on_ggml = any(isinstance(m, GGMLLinear) for m in model.modules())
+        self.cores = ggml_owns_cores if on_ggml else contextlib.nullcontext
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
@@ -187,15 +190,16 @@ class Decoder:
         """Greedy continuation of `prompt_ids`; stops early after the `stop` token."""
         if not prompt_ids:
             raise ModelError("the prompt is empty: give at least one token to continue")
-        start = time.perf_counter()
-        token = int(self.forward(torch.tensor(prompt_ids), 0).argmax())
-        first = time.perf_counter()
-        tokens, pos = [token], len(prompt_ids)
-        while len(tokens) < max_new_tokens and token != stop:
-            token = int(self.forward(torch.tensor([token]), pos).argmax())
-            tokens.append(token)
-            pos += 1
-        return Generation(tokens, first - start, time.perf_counter() - first)
+        with self.cores():
+            start = time.perf_counter()
+            token = int(self.forward(torch.tensor(prompt_ids), 0).argmax())
+            first = time.perf_counter()
+            tokens, pos = [token], len(prompt_ids)
+            while len(tokens) < max_new_tokens and token != stop:
+                token = int(self.forward(torch.tensor([token]), pos).argmax())
+                tokens.append(token)
+                pos += 1
+            return Generation(tokens, first - start, time.perf_counter() - first)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -214,7 +218,3 @@ def _fused_norm(norm: nn.Module):
     return functools.partial(
         F.rms_norm, normalized_shape=norm.weight.shape, weight=norm.weight, eps=norm.variance_epsilon
     )
-
-
-def _spec(layer: nn.Module) -> str | None:
-    return getattr(layer, "spec", None) if not isinstance(layer, nn.Linear) else str(layer.weight.dtype)

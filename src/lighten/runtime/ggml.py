@@ -1,45 +1,65 @@
-"""ggml's CPU matmul on GGUF block bytes: the kernels llama.cpp runs, called on one weight at a time.
+"""ggml's CPU matmul on GGUF block bytes: the kernels llama.cpp runs, called on one layer at a time.
 
 llama-cpp-python installs ggml as shared libraries (libggml-base, libggml-cpu); this binds the few functions
 a matmul needs through ctypes, no GGUF file and no model load:
 
     w = GGMLMatrix(blocks, "q4_0", (n, k))     # blocks: uint8 [n, bytes per row], the GGUF block bytes
-    y = w.matmul(x)                            # x: fp32 [m, k] -> fp32 [m, n], y = x Wᵀ
+    y = GGMLProduct([w]).matmul(x)             # x: fp32 [m, k] -> fp32 [m, n], y = x Wᵀ
+    GGMLProduct([wq, wk, wv]).matmul(x)        # several weights of one input in one call, side by side
 
-The weight goes into ggml's "repack" buffer where ggml has an interleaved layout for its type and shape
+A weight goes into ggml's "repack" buffer where ggml has an interleaved layout for its type and shape
 (q4_0, iq4_nl, q4_k, ... on AVX2 / AVX-512 / NEON: what llama.cpp does when it loads a model), otherwise
 ggml reads lighten's bytes in place, no copy. Like llama.cpp, ggml rounds each block of activations to 8 bits
 (q8_0 or q8_K) before the integer dot products: results differ from dequantize + matmul by that rounding.
 
-Only the C API is used: functions on opaque pointers, and one struct (ggml_init_params, unchanged for years)
-so that a ggml update breaks this loudly, with a missing function named, rather than silently by a struct
-layout. Tested with the ggml of llama-cpp-python 0.3.36 (ggml 0.25.3).
+Threads: ggml computes on a thread pool of its own (set_threads), whose workers poll for the next matmul
+for a while after each one, as in llama.cpp. They must not share the cores with torch's OpenMP threads:
+run torch single-threaded while ggml computes (`ggml_owns_cores`, what the lean decoder does).
+
+Only the C API is used (functions on opaque pointers, and the two structs ggml_init_params and
+ggml_threadpool_params of ggml.h), so that a ggml update breaks this loudly, with a missing function named.
+Tested with the ggml of llama-cpp-python 0.3.36 (ggml 0.25.3).
 """
 
+import contextlib
 import ctypes
 import functools
 import pathlib
+import sys
 from collections import OrderedDict
-from typing import NamedTuple
 
 import torch
 
+from lighten.cpu import has_amx
 from lighten.errors import LightenError
-from lighten.export.llamacpp import has_amx
 from lighten.formats.ggml import GGMLFormat
 
-GRAPHS_PER_MATRIX = 4  # graphs kept per weight, one per batch size m (decode's m = 1, prefill's lengths)
-_threads = [torch.get_num_threads()]
+GRAPHS_PER_PRODUCT = 4  # graphs kept per product, one per batch size m (decode's m = 1, prefill's lengths)
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+WARN, CONT = 3, 5  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT (continues the previous message)
 
 
 class _InitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
+class _ThreadpoolParams(ctypes.Structure):
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * MAX_THREADS),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
 _P, _SIZE, _I64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
+_LOG = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 _SIGNATURES = {  # name: (library, result, argument types)
     "ggml_init": ("base", _P, [_InitParams]),
     "ggml_free": ("base", None, [_P]),
+    "ggml_log_set": ("base", None, [_LOG, _P]),
     "ggml_tensor_overhead": ("base", _SIZE, []),
     "ggml_graph_overhead_custom": ("base", _SIZE, [_SIZE, ctypes.c_bool]),
     "ggml_new_tensor_2d": ("base", _P, [_P, ctypes.c_int, _I64, _I64]),
@@ -58,9 +78,13 @@ _SIGNATURES = {  # name: (library, result, argument types)
     "ggml_backend_tensor_alloc": ("base", ctypes.c_int, [_P, _P, _P]),
     "ggml_backend_dev_supports_op": ("base", ctypes.c_bool, [_P, _P]),
     "ggml_backend_buft_name": ("base", ctypes.c_char_p, [_P]),
+    "ggml_threadpool_params_init": ("base", None, [ctypes.POINTER(_ThreadpoolParams), ctypes.c_int]),
+    "ggml_threadpool_new": ("cpu", _P, [ctypes.POINTER(_ThreadpoolParams)]),
+    "ggml_threadpool_free": ("cpu", None, [_P]),
     "ggml_backend_cpu_init": ("cpu", _P, []),
     "ggml_backend_cpu_reg": ("cpu", _P, []),
     "ggml_backend_cpu_set_n_threads": ("cpu", None, [_P, ctypes.c_int]),
+    "ggml_backend_cpu_set_threadpool": ("cpu", None, [_P, _P]),
 }
 
 
@@ -83,6 +107,7 @@ def _ggml():
         fn = getattr(libs[kind], name)
         fn.restype, fn.argtypes = result, args
         setattr(lib, name.removeprefix("ggml_"), fn)
+    lib.log_set(_log, None)
     lib.backend = lib.backend_cpu_init()
     reg = lib.backend_cpu_reg()
     lib.device = lib.backend_reg_dev_get(reg, 0)
@@ -97,7 +122,58 @@ def _ggml():
     repack = [b for b in bufts if lib.backend_buft_name(b) == b"CPU_REPACK"]
     lib.repack = repack[0] if repack and not has_amx() else None
     lib.plain = lib.backend_dev_buffer_type(lib.device)
+    lib.pool = None
+    _new_pool(lib, torch.get_num_threads())
     return lib
+
+
+_last_shown = [False]
+
+
+@_LOG
+def _log(level, text, _):
+    """ggml's warnings and errors to stderr; its notes (one per repacked weight) are left out."""
+    shown = _last_shown[0] if level == CONT else level >= WARN
+    if shown:
+        sys.stderr.write(text.decode(errors="replace"))
+    _last_shown[0] = shown
+
+
+def set_threads(n: int) -> None:
+    """ggml computes every matmul from now on with n threads: a new thread pool of n (the calling thread is
+    one of them). Default: torch's thread count when ggml was first used."""
+    if n < 1:
+        raise LightenError(f"ggml needs at least 1 thread, got {n}")
+    if n != threads():
+        _new_pool(_ggml(), n)
+
+
+def _new_pool(lib, n: int) -> None:
+    params = _ThreadpoolParams()
+    lib.threadpool_params_init(params, n)
+    pool = lib.threadpool_new(params)
+    lib.backend_cpu_set_threadpool(lib.backend, pool)
+    lib.backend_cpu_set_n_threads(lib.backend, n)
+    if lib.pool:
+        lib.threadpool_free(lib.pool)
+    lib.pool, lib.threads = pool, n
+
+
+def threads() -> int:
+    """The thread count of ggml's matmuls."""
+    return _ggml().threads
+
+
+@contextlib.contextmanager
+def ggml_owns_cores():
+    """torch single-threaded inside, so that its OpenMP threads and ggml's polling workers never compete
+    for the cores; torch's thread count is restored on the way out."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def aligned(data: torch.Tensor) -> torch.Tensor:
@@ -106,27 +182,11 @@ def aligned(data: torch.Tensor) -> torch.Tensor:
     return data if data.is_contiguous() and data.data_ptr() % 32 == 0 else data.clone()
 
 
-def set_threads(n: int) -> None:
-    """Threads of every ggml matmul from now on (default: torch's count when lighten was imported)."""
-    if n < 1:
-        raise LightenError(f"ggml needs at least 1 thread, got {n}")
-    _threads[0] = n
-
-
-class _Graph(NamedTuple):
-    """y = W x for one batch size: its context, the buffer holding x and y, the tensors and the graph."""
-
-    ctx: int
-    buffer: int
-    x: int
-    y: int
-    graph: int
-
-
 class GGMLMatrix:
-    """A weight W [n, k] of one GGUF block type and y = x Wᵀ by ggml's CPU matmul. Where ggml has an
+    """A weight W [n, k] of one GGUF block type, held for ggml's matmul (GGMLProduct). Where ggml has an
     interleaved layout for the type and shape (`repacked`), ggml holds W in it, a copy; elsewhere ggml
-    reads the given bytes in place, and they must then stay unchanged while this matrix is used."""
+    reads the given bytes in place, and they must then stay unchanged while this matrix is used. Immutable:
+    copies (deepcopy) are the same matrix."""
 
     def __init__(self, blocks: torch.Tensor, spec: str, shape: tuple[int, int], repack: bool = True):
         from lighten import formats
@@ -135,16 +195,20 @@ class GGMLMatrix:
         if not isinstance(fmt, GGMLFormat):
             raise LightenError(f"{spec} is not a GGUF block type: ggml's kernels compute only those")
         lib, (self.n, self.k) = _ggml(), shape
-        self.spec, self.type, self._graphs = spec, int(fmt.ggml_type), OrderedDict()
+        self.spec, self.type = spec, int(fmt.ggml_type)
         data = blocks.view(torch.uint8)
         rows, _, _, blocks_per_row = fmt.geometry(tuple(shape))
-        if data.numel() != rows * blocks_per_row * fmt.block_bytes:
+        self.nbytes = rows * blocks_per_row * fmt.block_bytes
+        if data.numel() != self.nbytes:
             raise LightenError(f"{data.numel()} bytes are not a {spec} matrix of shape {tuple(shape)}")
         self._new_weight()
         self.buffer = None
         if repack and lib.repack is not None:
             self.buffer = lib.backend_alloc_ctx_tensors_from_buft(self.ctx, lib.repack)
-            if not lib.backend_dev_supports_op(lib.device, self._graph(1).y):  # no layout for this one
+            probe = _Product([self], 1)
+            has_layout = lib.backend_dev_supports_op(lib.device, probe.ys[0])
+            probe.free()
+            if not has_layout:
                 self.close()
                 self._new_weight()
         self.repacked = self.buffer is not None
@@ -161,59 +225,101 @@ class GGMLMatrix:
         self.ctx = lib.init(_InitParams(lib.tensor_overhead(), None, True))
         self.weight = lib.new_tensor_2d(self.ctx, self.type, self.k, self.n)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [m, k] (fp32) -> x Wᵀ [m, n] (fp32), on ggml's kernels with set_threads' thread count."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:
-            raise LightenError(f"ggml's matmul takes fp32 [m, {self.k}], got {x.dtype} {tuple(x.shape)}")
-        lib, x = _ggml(), x.contiguous()
-        g = self._graph(x.shape[0])
-        y = torch.empty(x.shape[0], self.n)
-        lib.backend_tensor_set(g.x, x.data_ptr(), 0, x.numel() * 4)
-        lib.backend_cpu_set_n_threads(lib.backend, _threads[0])
-        if lib.backend_graph_compute(lib.backend, g.graph) != 0:
-            raise LightenError(f"ggml's matmul failed ({self.spec}, {self.n} x {self.k}, batch {x.shape[0]})")
-        lib.backend_tensor_get(g.y, y.data_ptr(), 0, y.numel() * 4)
-        return y
-
-    def _graph(self, m: int) -> _Graph:
-        """The graph for batch size m, built on first use; the GRAPHS_PER_MATRIX most recent are kept."""
-        if m in self._graphs:
-            self._graphs.move_to_end(m)
-            return self._graphs[m]
-        lib = _ggml()
-        ctx = lib.init(
-            _InitParams(3 * lib.tensor_overhead() + lib.graph_overhead_custom(4, False), None, True)
-        )
-        x = lib.new_tensor_2d(ctx, 0, self.k, m)  # 0: GGML_TYPE_F32
-        y = lib.mul_mat(ctx, self.weight, x)
-        graph = lib.new_graph_custom(ctx, 4, False)
-        lib.build_forward_expand(graph, y)
-        self._graphs[m] = _Graph(ctx, lib.backend_alloc_ctx_tensors_from_buft(ctx, lib.plain), x, y, graph)
-        if len(self._graphs) > GRAPHS_PER_MATRIX:
-            _free_graph(self._graphs.popitem(last=False)[1])
-        return self._graphs[m]
-
     def close(self) -> None:
         """Free ggml's memory for this matrix (also done when it is garbage collected)."""
-        lib = _ggml()
-        while self._graphs:
-            _free_graph(self._graphs.popitem()[1])
         if self.ctx:
+            lib = _ggml()
             if self.buffer:
                 lib.backend_buffer_free(self.buffer)
             lib.free(self.ctx)
             self.ctx = self.buffer = self.weight = None
 
+    def __deepcopy__(self, memo):
+        return self
+
     def __getstate__(self):
-        # Copied (deepcopy, pickle), its pointers would be freed twice.
-        raise TypeError("a GGMLMatrix holds ggml's memory and cannot be copied: make another from the bytes")
+        # Pickled, its pointers would point nowhere.
+        raise TypeError("a GGMLMatrix holds ggml's memory and cannot be pickled: make another from the bytes")
 
     def __del__(self):
         if getattr(self, "ctx", None):
             self.close()
 
 
-def _free_graph(g: _Graph) -> None:
-    lib = _ggml()
-    lib.backend_buffer_free(g.buffer)
-    lib.free(g.ctx)
+class GGMLProduct:
+    """y = x [W₁; W₂; ...]ᵀ for matrices of one input width k: their products side by side, one ggml graph
+    (per batch size m, the GRAPHS_PER_PRODUCT most recent kept) computing them all in one call. Copies
+    (deepcopy) share the matrices and build graphs of their own."""
+
+    def __init__(self, matrices: list[GGMLMatrix]):
+        ks = {w.k for w in matrices}
+        if len(ks) != 1:
+            raise LightenError(f"a product's matrices take one input width, got {sorted(ks)}")
+        self.matrices, self.k = list(matrices), ks.pop()
+        self.n = sum(w.n for w in matrices)
+        self._graphs = OrderedDict()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, k] (fp32) -> [m, n₁ + n₂ + ...] (fp32), on ggml's kernels with set_threads' threads."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:
+            raise LightenError(f"ggml's matmul takes fp32 [m, {self.k}], got {x.dtype} {tuple(x.shape)}")
+        lib, x, m = _ggml(), x.contiguous(), x.shape[0]
+        g = self._graph(m)
+        lib.backend_tensor_set(g.x, x.data_ptr(), 0, x.numel() * 4)
+        if lib.backend_graph_compute(lib.backend, g.graph) != 0:
+            raise LightenError(f"ggml's matmul failed ({self.n} x {self.k}, batch {m})")
+        y = torch.empty(m, self.n)
+        if len(g.ys) == 1 or m == 1:  # the outputs' rows are y's: read them straight in
+            offset = 0
+            for out, w in zip(g.ys, self.matrices, strict=True):
+                lib.backend_tensor_get(out, y.data_ptr() + offset, 0, m * w.n * 4)
+                offset += m * w.n * 4
+            return y
+        start = 0
+        for out, w in zip(g.ys, self.matrices, strict=True):
+            part = torch.empty(m, w.n)
+            lib.backend_tensor_get(out, part.data_ptr(), 0, part.numel() * 4)
+            y[:, start : start + w.n] = part
+            start += w.n
+        return y
+
+    def _graph(self, m: int) -> "_Product":
+        if m in self._graphs:
+            self._graphs.move_to_end(m)
+            return self._graphs[m]
+        self._graphs[m] = _Product(self.matrices, m)
+        if len(self._graphs) > GRAPHS_PER_PRODUCT:
+            self._graphs.popitem(last=False)[1].free()
+        return self._graphs[m]
+
+    def __deepcopy__(self, memo):
+        return GGMLProduct(self.matrices)
+
+    def __getstate__(self):
+        raise TypeError("a GGMLProduct holds ggml's memory and cannot be pickled: make another")
+
+    def __del__(self):
+        for g in getattr(self, "_graphs", {}).values():
+            g.free()
+
+
+class _Product:
+    """The graph of ys = [x Wᵢᵀ] for batch size m: its context, the buffer of x and the ys, those tensors."""
+
+    def __init__(self, matrices: list[GGMLMatrix], m: int):
+        lib, size = _ggml(), 2 * len(matrices) + 2
+        tensors = (1 + len(matrices)) * lib.tensor_overhead()
+        self.ctx = lib.init(_InitParams(tensors + lib.graph_overhead_custom(size, False), None, True))
+        self.x = lib.new_tensor_2d(self.ctx, 0, matrices[0].k, m)  # 0: GGML_TYPE_F32
+        self.ys = [lib.mul_mat(self.ctx, w.weight, self.x) for w in matrices]
+        self.graph = lib.new_graph_custom(self.ctx, size, False)
+        for y in self.ys:
+            lib.build_forward_expand(self.graph, y)
+        self.buffer = lib.backend_alloc_ctx_tensors_from_buft(self.ctx, lib.plain)
+
+    def free(self) -> None:
+        if self.ctx:
+            lib = _ggml()
+            lib.backend_buffer_free(self.buffer)
+            lib.free(self.ctx)
+            self.ctx = None

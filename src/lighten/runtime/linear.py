@@ -32,7 +32,7 @@ from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor, packing
 from lighten.formats.elements import TERNARY
 from lighten.formats.ggml import GGMLFormat
-from lighten.runtime.ggml import GGMLMatrix, aligned
+from lighten.runtime.ggml import GGMLMatrix, GGMLProduct
 
 INT4_GROUPS = ("g32", "g64", "g128", "g256")  # the group sizes torch's int4 CPU kernel takes
 BLOCK_ELEMENTS = 2**18  # DequantLinear decodes ~this many weights at a time: 1 MB of fp32 temporaries
@@ -60,11 +60,14 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def can_stack(cls, layers: list["PackedLinear"]) -> bool:
-        return bool(cls.ROW_BUFFERS) and all(m.out_features % cls.ROW_BLOCK == 0 for m in layers)
+        return bool(cls.ROW_BUFFERS) and all(
+            type(m) is cls and m.spec == layers[0].spec and m.out_features % cls.ROW_BLOCK == 0
+            for m in layers
+        )
 
     @classmethod
     def stacked(cls, layers: list["PackedLinear"]) -> "PackedLinear":
-        """One layer computing `layers` (of this class and one spec, reading the same input) in one matmul,
+        """One layer computing `layers` (of this class and one spec, reading the same input) in one call,
         their outputs concatenated: a layer built from their row buffers stacked (see can_stack)."""
         if not cls.can_stack(layers):
             raise LightenError(f"these {cls.__name__} layers cannot be stacked: see {cls.__name__}.ROW_BLOCK")
@@ -231,37 +234,48 @@ class DequantLinear(PackedLinear):
 class GGMLLinear(PackedLinear):
     """GGUF block types on ggml's CPU matmul (lighten.runtime.ggml), the kernels llama.cpp runs. ggml takes
     fp32 activations (and rounds each block of them to 8 bits itself, as in llama.cpp); the output comes
-    back in the input's dtype. blocks: the GGUF bytes as stored, uint8 [N, bytes per row], which ggml reads
-    in place. ggml's interleaved "repack" layouts (GGMLMatrix(..., repack=True)) are not used yet: they hold
-    a copy of their own, beside the stored bytes that joined layers' views keep (lean decoder)."""
+    back in the input's dtype. The weight is ggml's (GGMLMatrix): repacked into its interleaved layout where
+    it has one, else the GGUF bytes as stored, read in place. So the layer has no torch buffers (model.to()
+    and state_dict() pass it by); `nbytes` is what it holds.
 
-    ROW_BUFFERS = {"blocks": 0}
+    Layers of one input stack whatever their types: ggml computes their weights in one call, side by side
+    (a joined q/k/v may mix q4_k and q6_k), with no bytes copied."""
 
-    def __init__(self, spec, in_features, blocks, bias=None):
-        super().__init__(spec, (blocks.shape[0], in_features), in_features, bias)
-        self.register_buffer("blocks", aligned(blocks))  # ggml reads these very bytes
-        self._matrix, self._matrix_of = None, None
+    def __init__(self, spec, in_features, matrices: list[GGMLMatrix], bias=None):
+        super().__init__(spec, (sum(w.n for w in matrices), in_features), in_features, bias)
+        self.product = GGMLProduct(matrices)
 
     @classmethod
     def pack(cls, q: QuantizedTensor, bias: torch.Tensor | None = None) -> "GGMLLinear":
-        return cls(q.spec, q.shape[1], q.tensors["blocks"], bias)
+        return cls(q.spec, q.shape[1], [GGMLMatrix(q.tensors["blocks"], q.spec, q.shape)], bias)
 
-    def matrix(self) -> GGMLMatrix:
-        """ggml's view of `blocks`, made on first use and again if the buffer was replaced since."""
-        if self._matrix_of is not self.blocks:
-            shape = (self.out_features, self.in_features)
-            self._matrix, self._matrix_of = (
-                GGMLMatrix(self.blocks, self.spec, shape, repack=False),
-                self.blocks,
-            )
-        return self._matrix
+    @classmethod
+    def can_stack(cls, layers: list["PackedLinear"]) -> bool:
+        return all(type(m) is cls and m.in_features == layers[0].in_features for m in layers)
 
-    def __getstate__(self):
-        # A copy (deepcopy, pickle) makes ggml's view of its own bytes when it first runs.
-        return super().__getstate__() | {"_matrix": None, "_matrix_of": None}
+    @classmethod
+    def stacked(cls, layers: list["GGMLLinear"]) -> "GGMLLinear":
+        if not cls.can_stack(layers):
+            raise LightenError("GGMLLinear layers stack only with GGMLLinear layers of the same input width")
+        spec = "+".join(dict.fromkeys(m.spec for m in layers))
+        matrices = [w for m in layers for w in m.product.matrices]
+        biases = [m.bias for m in layers]
+        bias = None if biases[0] is None else torch.cat(biases)
+        return cls(spec, layers[0].in_features, matrices, bias)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.product.matrices)
+
+    def kernel(self) -> str:
+        """ggml's kernel and layout for each type, e.g. "ggml q4_0 (repacked)"."""
+        parts = {
+            f"ggml {w.spec} ({'repacked' if w.repacked else 'in place'})": 0 for w in self.product.matrices
+        }
+        return " + ".join(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matrix().matmul(x.reshape(-1, self.in_features).float())
+        y = self.product.matmul(x.reshape(-1, self.in_features).float())
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

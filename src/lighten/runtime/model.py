@@ -6,8 +6,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lighten import formats
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
+from lighten.formats.ggml import GGMLFormat
 from lighten.runtime.linear import packed_linear
 
 
@@ -18,17 +20,29 @@ def pack_model(
     outlier_threshold: float | None = None,
 ) -> nn.Module:
     """Replace each planned Linear / Conv1D (its weight name minus ".weight") by its packed layer and cast
-    the rest of the model to bf16: the packed kernels compute in bf16, so bf16 norms, embeddings and
-    attention keep the activations in bf16 end to end instead of converting at every packed layer, and
-    halve the memory of the weights left unquantized. Planned embeddings (a lookup, not a matmul) are
-    dequantized to bf16.
+    the rest of the model to the kernels' dtype (compute_dtype): torch's packed kernels compute in bf16, so
+    bf16 norms, embeddings and attention keep the activations in bf16 end to end instead of converting at
+    every packed layer, and halve the memory of the weights left unquantized; ggml's compute in fp32, and
+    on CPUs without AVX512-BF16 torch's bf16 attention is several times slower than its fp32. Planned
+    embeddings (a lookup, not a matmul) are dequantized to that dtype.
 
     `quantized` is what quantize_weights returns: every matrix is [out, in], GPT-2's Conv1D included (it
     stores W as [in, out] but computes x W, the same product as a Linear with weight W^T). With w8a8, an
     `outlier_threshold` (e.g. 6.0) keeps LLM.int8()'s outlier columns out of the int8 product."""
+    dtype = compute_dtype([q.spec for q in quantized.values()])
     for name, q in quantized.items():
-        pack_layer(model, name, q, w8a8, outlier_threshold)
-    return model.to(torch.bfloat16)
+        pack_layer(model, name, q, w8a8, outlier_threshold, dtype)
+    return model.to(dtype)
+
+
+def compute_dtype(specs: list[str]) -> torch.dtype:
+    """The dtype a model packed with these formats computes in: fp32 if every one is a GGUF block type
+    (ggml's kernels take fp32), else bf16 (torch's take bf16)."""
+    return (
+        torch.float32
+        if specs and all(isinstance(formats.get(s), GGMLFormat) for s in specs)
+        else torch.bfloat16
+    )
 
 
 def pack_layer(
@@ -37,9 +51,11 @@ def pack_layer(
     q: QuantizedTensor,
     w8a8: bool = False,
     outlier_threshold: float | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> None:
-    """pack_model for one weight, leaving the dtype of the rest alone: a loader packs each layer as it reads
-    its tensors, so that only one layer's tensors are ever unpacked at a time."""
+    """pack_model for one weight, leaving the dtype of the rest alone (a planned embedding is dequantized to
+    `dtype`): a loader packs each layer as it reads its tensors, so that only one layer's tensors are ever
+    unpacked at a time."""
     module_name = name.removesuffix(".weight")
     module = model.get_submodule(module_name)
     if isinstance(module, (nn.Linear, Conv1D)):
@@ -47,7 +63,7 @@ def pack_layer(
         mode = "w8a8" if w8a8 else "weight-only"
         setattr(model.get_submodule(parent), child, packed_linear(q, module.bias, mode, outlier_threshold))
     elif isinstance(module, nn.Embedding):
-        old, new = module.weight, nn.Parameter(q.dequantize(torch.bfloat16), requires_grad=False)
+        old, new = module.weight, nn.Parameter(q.dequantize(dtype), requires_grad=False)
         for owner in model.modules():  # a tied lm_head shares the Parameter: keep it tied
             for key, param in owner.named_parameters(recurse=False):
                 if param is old:
