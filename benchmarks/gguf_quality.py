@@ -37,10 +37,10 @@ from llama_tools import llama_tools
 from transformers import AutoTokenizer
 
 from lighten.algorithms.registry import DEFAULT_CALIBRATION
+from lighten.cpu import has_amx
 from lighten.errors import LightenError
 from lighten.eval import llamacpp_fidelity, llamacpp_log_probs, token_windows, wiki_texts
 from lighten.eval.table import markdown
-from lighten.cpu import has_amx
 from lighten.models import resolve
 
 MODEL = "smollm2-135m"

@@ -4,9 +4,9 @@ import llama_cpp.llama
 import pytest
 from tiny_models import tiny_bpe_tokenizer, tiny_model
 
+from lighten.cpu import has_amx
 from lighten.export import llamacpp
 from lighten.export.gguf import export_gguf
-from lighten.cpu import has_amx
 from lighten.export.llamacpp import open_llama
 
 SAPPHIRE_RAPIDS = "flags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile amx_int8\n"

@@ -27,7 +27,7 @@ def model_for(arch: str, spec: str | None):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("spec", [None, "int4:g32", "int8", "nf4"])
+@pytest.mark.parametrize("spec", [None, "int4:g32", "int8", "nf4", "q4_0"])
 def test_decoder_matches_hugging_face(arch, spec):
     model = model_for(arch, spec)
     ids = torch.tensor([PROMPT])

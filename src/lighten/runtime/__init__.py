@@ -1,6 +1,6 @@
 """Packed CPU runtime: quantized weights stay packed in memory and matmuls run on low-bit kernels.
 
-    model = pack_model(model, quantize_weights(model, plan))   # in place; the rest of the model goes bf16
+    model = pack_model(model, quantize_weights(model, plan))   # in place; the rest goes bf16 (fp32 on ggml)
     layer = packed_linear(q, bias)                             # one layer; mode="w8a8" for int8 x int8
 
 Which kernel each format takes is in lighten.runtime.linear. A packed model's quantized layers hold their
