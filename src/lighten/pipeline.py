@@ -162,9 +162,9 @@ def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int 
     """Generate from each prompt (causal LMs, greedy) or embed the prompts (encoders), timing it.
 
     A lighten checkpoint runs on the packed runtime (weights stay packed; activations bf16, fp32 for GGUF
-    types); anything else runs as loaded. Llama-family models generate with the lean decoder (lighten.runtime.decode), others
-    with transformers' generate. Decode speed excludes the prompt: (new tokens - 1) / (time after the
-    first new token)."""
+    types); anything else runs as loaded. Llama-family models generate with the lean decoder
+    (lighten.runtime.decode), others with transformers' generate. Decode speed excludes the prompt:
+    (new tokens - 1) / (time after the first new token)."""
     if not prompts:
         raise LightenError("give at least one --prompt")
     if max_new_tokens < 1:

@@ -205,8 +205,8 @@ class Decoder:
 
 
 def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """R with x R = rotate_half(x) = (-x₂, x₁) for halves x₁, x₂: Hugging Face's RoPE, x·cos + rotate_half(x)·sin,
-    becomes x·cos + (x R)·sin, each entry of x R one of x's times ±1, exactly."""
+    """R with x R = rotate_half(x) = (-x₂, x₁) for halves x₁, x₂: Hugging Face's RoPE,
+    x·cos + rotate_half(x)·sin, becomes x·cos + (x R)·sin, each entry of x R one of x's times ±1, exactly."""
     half = head_dim // 2
     r = torch.zeros(head_dim, head_dim, dtype=dtype)
     r[torch.arange(half) + half, torch.arange(half)] = -1
