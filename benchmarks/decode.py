@@ -1,10 +1,15 @@
-"""Batch-1 greedy decode speed: lighten's lean decoder (fp32, bf16, packed int8, packed int4) vs transformers
-vs llama.cpp on lighten's own GGUF exports of the same model, side by side, with each engine's fraction of
-the memory-bandwidth limit (bandwidth measured here ÷ weight bytes read per token).
+"""Batch-1 greedy decode speed on the same GGUF weights: llama.cpp vs lighten's lean decoder on ggml's
+kernels, beside lighten's torch kernels (int8, int4) and transformers, with each engine's fraction of the
+memory-bandwidth limit (bandwidth measured here ÷ weight bytes read per token).
 
     python benchmarks/decode.py                          # real smollm2-135m, 64 tokens, 3 runs each
     python benchmarks/decode.py --model llama-1b         # Llama-shaped 1.1 B, RANDOM weights
     python benchmarks/decode.py --tokens 8 --runs 1      # a smoke run
+
+Same weights: for each GGUF type (--types) the model's matrices are quantized by lighten (RTN) and lm_head
+to Q8_0 (untied from the embeddings: what llama-quantize gives the output matrix); `lighten TYPE` runs
+them packed on ggml's kernels (lighten.runtime.ggml), `llama.cpp TYPE` runs the GGUF file lighten exports
+from the very same blocks (its token_embd, of which a token reads one row, is Q8_0 too).
 
 llama-1b is TinyLlama-1.1B's shape (22 layers, hidden 2048, MLP 5632, 32 heads, 4 KV heads) with SmolLM2's
 vocabulary and tokenizer and random weights: its speed is real, its text is noise. llama.cpp opens the files
@@ -21,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from gemm import memory_bandwidth
+from gemm import cpu_name, memory_bandwidth
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,6 +38,7 @@ from lighten.plan import make_plan
 from lighten.quantize import quantize_weights
 from lighten.runtime import pack_model
 from lighten.runtime.decode import Decoder
+from lighten.runtime.linear import GGMLLinear
 
 PROMPT = "The capital of France is"
 LLAMA_1B = dict(
@@ -84,21 +90,30 @@ def lean_decoder(model, max_len: int):
     return decode
 
 
-def packed(model, spec: str):
-    """The model with every linear layer packed to `spec` and lm_head to int8 (embeddings stay bf16): what
-    llama.cpp's Q8_0 / Q4_0 do too (8 bits for the output matrix)."""
+def packed(model, spec: str, head: str = "int8:channel"):
+    """The model with every linear layer packed to `spec` and lm_head to `head` (embeddings stay as they
+    are): 8 bits for the output matrix, as llama.cpp's Q8_0 / Q4_0 have."""
     quantized = quantize_weights(model, make_plan(model, spec))
-    quantized["lm_head.weight"] = get("int8:channel").quantize(model.lm_head.weight.detach().float())
-    return pack_model(copy.deepcopy(model), quantized)
+    quantized["lm_head.weight"] = get(head).quantize(model.lm_head.weight.detach().float())
+    return quantized, pack_model(copy.deepcopy(model), quantized)
+
+
+def untied(model):
+    """`model` with lm_head a weight of its own (the same values), so that it can be quantized alone."""
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    return model
 
 
 def bytes_per_token(model: nn.Module) -> int:
     """Weight bytes one decode step reads: every matmul's weights (lm_head included), not the embedding
-    table (one row of it). Packed layers count their buffers."""
+    table (one row of it). Packed layers count their buffers, ggml's the bytes ggml holds."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings()
     total = 0
     for m in model.modules():
+        if isinstance(m, GGMLLinear):
+            total += m.nbytes
         if m is head or not isinstance(m, nn.Embedding):
             own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
             total += sum(t.nbytes for t in own if id(t) not in embeddings or m is head)
@@ -106,10 +121,13 @@ def bytes_per_token(model: nn.Module) -> int:
 
 
 def gguf_bytes(path: Path) -> int:
-    """Tensor bytes of a GGUF file; the tied token_embd is the output matrix, so all of them are read."""
+    """Tensor bytes a token reads from a GGUF file: every matrix but token_embd (one row of it) unless the
+    model is tied, when token_embd is the output matrix too."""
     import gguf
 
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    tensors = gguf.GGUFReader(path).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    return sum(int(t.n_bytes) for t in tensors if tied or t.name != "token_embd.weight")
 
 
 def random_llama_1b(tokenizer):
@@ -121,6 +139,7 @@ def random_llama_1b(tokenizer):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, HF dir, or llama-1b (random)")
+    parser.add_argument("--types", default="q4_0,iq4_nl,q8_0", help="GGUF types, both engines")
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per run")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per engine")
     parser.add_argument("--threads", type=int, default=2)
@@ -133,26 +152,27 @@ def main():
         model = random_llama_1b(tokenizer)
     else:
         model, tokenizer = load(args.model)
+    model = untied(model)
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     max_len = len(prompt_ids) + args.tokens + 2
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
     engines, weight_bytes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for qtype in ("Q8_0", "Q4_0"):
-            path = export_gguf(model, tokenizer, Path(tmp) / f"{qtype}.gguf", qtype)
-            engines[f"llama.cpp {qtype}"] = llama_cpp_decoder(path, args.threads)
-            weight_bytes[f"llama.cpp {qtype}"] = gguf_bytes(path)
-        variants = {"fp32": model, "bf16": bf16} if not args.skip_fp32 else {"bf16": bf16}
+        for spec in args.types.split(","):
+            quantized, m = packed(model, spec, head="q8_0")
+            path = export_gguf(model, tokenizer, Path(tmp) / f"{spec}.gguf", "Q8_0", blocks=quantized)
+            engines[f"llama.cpp {spec}"] = llama_cpp_decoder(path, args.threads)
+            weight_bytes[f"llama.cpp {spec}"] = gguf_bytes(path)
+            engines[f"lighten {spec} (ggml)"] = lean_decoder(m, max_len)
+            weight_bytes[f"lighten {spec} (ggml)"] = bytes_per_token(m)
+        variants = {} if args.skip_fp32 else {"fp32": model}
+        for spec in ("int8:channel", "int4:g32"):
+            variants[f"{spec} (torch)"] = packed(model, spec)[1]
         for name, m in variants.items():
-            engines[f"transformers {name}"] = transformers_decoder(m)
-            weight_bytes[f"transformers {name}"] = bytes_per_token(m)
-        int4 = packed(model, "int4:g32")
-        engines["transformers + packed int4"] = transformers_decoder(int4)
-        weight_bytes["transformers + packed int4"] = bytes_per_token(int4)
-        for name, m in {**variants, "int8": packed(model, "int8:channel"), "int4:g32": int4}.items():
             engines[f"lighten {name}"] = lean_decoder(m, max_len)
             weight_bytes[f"lighten {name}"] = bytes_per_token(m)
-        del model, bf16
+        if not args.skip_fp32:
+            engines["transformers fp32"] = transformers_decoder(model)
+            weight_bytes["transformers fp32"] = bytes_per_token(model)
 
         bandwidth = memory_bandwidth(2**30, 10)
         for decode in engines.values():  # warm-up: first-call allocations and lazy init
@@ -162,7 +182,10 @@ def main():
             for name, decode in engines.items():
                 times[name].append(decode(prompt_ids, args.tokens))
 
-    print(f"{args.model}, batch 1, {args.tokens} greedy tokens, {args.threads} threads, {args.runs} runs")
+    cpu = cpu_name()
+    print(
+        f"{args.model}, batch 1, {args.tokens} greedy tokens, {args.threads} threads, {args.runs} runs, {cpu}"
+    )
     print(f"memory bandwidth (sum of 1 GB): {bandwidth / 1e9:.1f} GB/s; limit = bandwidth / MB per token\n")
     print(f"{'engine':<27} {'best tok/s':>10} {'median':>8} {'MB/token':>9} {'limit':>7} {'of limit':>9}")
     for name, t in times.items():
@@ -170,6 +193,12 @@ def main():
         print(
             f"{name:<27} {best:>10.1f} {args.tokens / statistics.median(t):>8.1f} "
             f"{weight_bytes[name] / 1e6:>9.1f} {limit:>7.0f} {best / limit:>9.0%}"
+        )
+    for spec in args.types.split(","):
+        ours, theirs = times[f"lighten {spec} (ggml)"], times[f"llama.cpp {spec}"]
+        print(
+            f"lighten / llama.cpp, {spec}: best {min(theirs) / min(ours):.2f}x, "
+            f"median {statistics.median(theirs) / statistics.median(ours):.2f}x"
         )
 
 

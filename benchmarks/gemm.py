@@ -1,10 +1,16 @@
 """Packed CPU kernels side by side: GEMV (batch 1) and GEMM (batch 32) per weight format.
 
     python benchmarks/gemm.py            # 4096x4096 and 11008x4096 (N x K), as in Llama-7B
+    python benchmarks/gemm.py --smollm2  # SmolLM2-135M's shapes: 1536x576 and 576x1536
     python benchmarks/gemm.py --quick    # small shapes, a smoke run
 
 Per call: min and median time over repeated runs, the effective bandwidth of the weight bytes read (what
 bounds a batch-1 matmul), and that as a fraction of the memory bandwidth measured here by a large sum.
+
+GGUF types run on ggml's kernels twice: `ggml TYPE` is lighten's layer (GGMLLinear: the input cast, ggml's
+graph, the output read back), `ggml TYPE graph` only ggml's compute of the same prebuilt graph, i.e.
+ggml's own speed on that matrix; their ratio is what lighten's binding costs. ggml runs on its thread pool
+with torch single-threaded beside it (lighten.runtime.ggml), with --threads threads (torch's rows too).
 Timings are only meaningful on an otherwise idle machine.
 """
 
@@ -16,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from lighten import formats
-from lighten.runtime import packed_linear
+from lighten.cpu import describe as cpu_name
+from lighten.runtime import ggml, packed_linear
+
+GGUF_TYPES = ("q4_0", "iq4_nl", "q4_k", "q8_0")
 
 
 def timed(fn, reps: int) -> tuple[float, float]:
@@ -51,37 +60,61 @@ def candidates(w: torch.Tensor) -> dict:
     ]:
         layer = packed_linear(formats.get(spec).quantize(w), mode=mode)
         out[name] = (layer, sum(t.nbytes for t in layer.buffers()))
+    for spec in GGUF_TYPES:
+        if w.shape[1] % formats.get(spec).block_size:
+            continue
+        layer = packed_linear(formats.get(spec).quantize(w))
+        out[f"ggml {spec}"] = (layer, layer.nbytes)
+        out[f"ggml {spec} graph"] = (graph_only(layer.product), layer.nbytes)
     return out
+
+
+def graph_only(product: ggml.GGMLProduct):
+    """ggml's compute of the product's graph for x's batch size, x already in place: ggml's own speed."""
+    lib = ggml._ggml()
+
+    def compute(x):
+        graph = product._graph(x.shape[0])
+        lib.backend_graph_compute(lib.backend, graph.graph)
+
+    return compute
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke test")
     parser.add_argument("--reps", type=int, help="timed calls per cell (default 20, quick 3)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch's and ggml's threads (default: torch's choice)")
+    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M's matrix shapes")
     args = parser.parse_args()
-    shapes = [(256, 576), (512, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]
+    shapes = [(4096, 4096), (11008, 4096)]
+    if args.quick or args.smollm2:
+        shapes = [(256, 576), (512, 1024)] if args.quick else [(1536, 576), (576, 1536)]
     reps = args.reps or (3 if args.quick else 20)
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    ggml.set_threads(threads)
     bandwidth_bytes = 2**26 if args.quick else 2**30
     bandwidth = memory_bandwidth(bandwidth_bytes, reps)
     cpu = torch.backends.cpu.get_cpu_capability()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu}")
+    print(f"{cpu_name()}; torch {torch.__version__} ({cpu}), {threads} threads")
     print(f"memory bandwidth (sum of {bandwidth_bytes >> 20} MB): {bandwidth / 1e9:.1f} GB/s\n")
     header = ["N x K", "M", "kernel", "min ms", "median ms", "MB", "GB/s", "of bw"]
-    print("{:>12} {:>3} {:<15} {:>9} {:>10} {:>7} {:>7} {:>6}".format(*header))
+    print("{:>12} {:>3} {:<17} {:>9} {:>10} {:>7} {:>7} {:>6}".format(*header))
     for n, k in shapes:
         w = torch.randn(n, k) * 0.02
         kernels = candidates(w)
         for m in (1, 32):
             x = torch.randn(m, k).bfloat16()
             for name, (fn, n_bytes) in kernels.items():
-                x_in = x.float() if name == "fp32" else x
+                on_ggml = name.startswith("ggml")
+                x_in = x.float() if name == "fp32" or on_ggml else x
+                torch.set_num_threads(1 if on_ggml else threads)  # one owner of the cores
                 best, median = timed(lambda fn=fn, x_in=x_in: fn(x_in), reps)
                 gbs = n_bytes / best / 1e9
                 print(
-                    f"{f'{n}x{k}':>12} {m:>3} {name:<15} {best * 1e3:>9.3f} {median * 1e3:>10.3f} "
+                    f"{f'{n}x{k}':>12} {m:>3} {name:<17} {best * 1e3:>9.3f} {median * 1e3:>10.3f} "
                     f"{n_bytes / 1e6:>7.2f} {gbs:>7.1f} {gbs * 1e9 / bandwidth:>6.0%}"
                 )
 

@@ -88,12 +88,12 @@ def _stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
 @dataclass
 class LeanBlock:
     norm1: Callable
-    qkv: nn.Module
-    o: nn.Module
+    qkv: Callable
+    o: Callable
     norm2: Callable
-    gate_up: nn.Module
-    act: nn.Module
-    down: nn.Module
+    gate_up: Callable
+    act: Callable
+    down: Callable
 
 
 @dataclass
@@ -134,21 +134,21 @@ class Decoder:
             max_len = min(max_len, window)  # within the window, sliding attention is full attention
         self.max_len = max_len
         self.heads, self.kv_heads, self.head_dim = view.num_heads, view.num_kv_heads, view.head_dim
+        self.dtype = base.embed_tokens.weight.dtype
         self.blocks = [
             LeanBlock(
                 _fused_norm(b.attn.norm),
-                join_linears(list(b.attn.linears.values())),
-                b.attn_out[1],
+                self._direct(join_linears(list(b.attn.linears.values()))),
+                self._direct(b.attn_out[1]),
                 _fused_norm(b.mlp.norm),
-                join_linears(list(b.mlp.linears.values())),
-                layer.mlp.act_fn,
-                b.mlp_out[1],
+                self._direct(join_linears(list(b.mlp.linears.values()))),
+                F.silu if isinstance(layer.mlp.act_fn, nn.SiLU) else layer.mlp.act_fn,
+                self._direct(b.mlp_out[1]),
             )
             for b, layer in zip(view.blocks, base.layers, strict=True)
         ]
         self.final_norm, self.lm_head = _fused_norm(base.norm), model.lm_head
         self.embed = base.embed_tokens
-        self.dtype = self.embed.weight.dtype
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
         self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # [max_len, 1, head_dim]: one for all heads
@@ -159,6 +159,17 @@ class Decoder:
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.caches = list(zip(self.k_cache, self.v_cache))  # each block's [1, kv_heads, max_len, head_dim]
+
+    def _direct(self, layer: nn.Module):
+        """What computes `layer` on a [T, in] input with the fewest ops: ggml's product itself for a plain
+        GGMLLinear in an fp32 decoder (the module's reshapes and casts do nothing there), else the layer."""
+        plain = isinstance(layer, GGMLLinear) and layer.bias is None and not layer._forward_hooks
+        return (
+            layer.product.matmul
+            if plain and not layer._forward_pre_hooks and self.dtype == torch.float32
+            else layer
+        )
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
@@ -172,21 +183,23 @@ class Decoder:
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
         end = pos + t
-        x = self.embed(tokens[None])  # [1, T, hidden]
-        for i, b in enumerate(self.blocks):
-            qkv = b.qkv(b.norm1(x)).view(1, t, heads + 2 * kv_heads, hd)
-            qk = qkv[:, :, : heads + kv_heads]  # RoPE on the q and k heads in one go: 3 ops, not 7
+        x = self.embed(tokens)  # [T, hidden]: no batch dim, fewer ops per layer
+        for b, (k_cache, v_cache) in zip(self.blocks, self.caches, strict=True):
+            qkv = b.qkv(b.norm1(x)).view(t, heads + 2 * kv_heads, hd)
+            qk = qkv[:, : heads + kv_heads]  # RoPE on the q and k heads in one go: 3 ops, not 7
             qk = torch.addcmul(qk * cos, qk @ self.rotate_half, sin)
-            q = qk[:, :, :heads].transpose(1, 2)
-            self.k_cache[i, :, :, pos:end] = qk[:, :, heads:].transpose(1, 2)
-            self.v_cache[i, :, :, pos:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+            k_cache[:, :, pos:end] = qk[:, heads:].transpose(
+                0, 1
+            )  # [kv_heads, T, hd] into [1, kv_heads, ...]
+            v_cache[:, :, pos:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
+            q = qk[:, :heads].transpose(0, 1)[None]
             a = F.scaled_dot_product_attention(
-                q, self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end], is_causal=t > 1, enable_gqa=True
+                q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=t > 1, enable_gqa=True
             )
-            x = x + b.o(a.transpose(1, 2).reshape(1, t, heads * hd))
+            x = x + b.o(a[0].transpose(0, 1).reshape(t, heads * hd))
             g, u = b.gate_up(b.norm2(x)).chunk(2, -1)
             x = x + b.down(b.act(g) * u)
-        return self.lm_head(self.final_norm(x[:, -1]))[0]
+        return self.lm_head(self.final_norm(x[-1]))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: int | None = None) -> Generation:
         """Greedy continuation of `prompt_ids`; stops early after the `stop` token."""
