@@ -327,12 +327,19 @@ def run(
     ],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt or sentence (repeatable).")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt (causal LMs).")] = 32,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="torch (lighten's packed runtime), llama.cpp (a checkpoint whose weights are all GGUF "
+            "types, on its exact GGUF export) or auto (llama.cpp where it runs the checkpoint exactly)."
+        ),
+    ] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with the kernels that ran).")] = False,
 ):
     """Generate text (causal LMs, greedy) or embed sentences (encoders), with tokens/s."""
     from lighten.pipeline import run_model
 
-    result = run_model(model, prompt, max_new_tokens)
+    result = run_model(model, prompt, max_new_tokens, engine)
     if as_json:
         return _print_json(result)
     if result["kind"] == "encoder":
@@ -342,7 +349,8 @@ def run(
         return _print_table("cosine similarity", ["sentence"] + [str(i) for i in range(len(prompt))], rows)
     for g in result["generations"]:
         out.print(f"[bold]{g['prompt']}[/bold]{g['completion']}", highlight=False)
-        out.print(f"[dim]{g['new_tokens']} tokens, decode {g['decode_tokens_per_s']:.1f} tokens/s[/dim]")
+        speed = f"decode {g['decode_tokens_per_s']:.1f} tokens/s"
+        out.print(f"[dim]{g['new_tokens']} tokens, {speed} ({result['engine']})[/dim]")
 
 
 @app.command()

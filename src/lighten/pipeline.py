@@ -19,10 +19,12 @@ from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from, is_lighten_gguf
-from lighten.models import load_model, model_kind, open_weights, resolve
+from lighten.export.llamacpp import cached_gguf, generate_llama, llama_cpp_unfit, open_llama
+from lighten.models import build_model, load_model, model_kind, open_weights, resolve
 from lighten.models.limits import max_positions
 from lighten.plan import budget_plan, plan_from_recipe
 from lighten.recipes import Recipe, recipe_from_options
+from lighten.runtime import PackedLinear, meta_parameters
 from lighten.runtime.decode import Decoder, Generation
 from lighten.surgery import apply_surgery
 
@@ -157,27 +159,47 @@ def run_demo(
     return reports
 
 
+ENGINES = ("auto", "torch", "llama.cpp")
+F32 = 0  # GGML_TYPE_F32
+
+
 @torch.inference_mode()
-def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int = 32) -> dict:
+def run_model(
+    name_or_path: str | Path, prompts: list[str], max_new_tokens: int = 32, engine: str = "auto"
+) -> dict:
     """Generate from each prompt (causal LMs, greedy) or embed the prompts (encoders), timing it.
 
-    A lighten checkpoint runs on the packed runtime (weights stay packed; activations bf16, fp32 for GGUF
-    types); anything else runs as loaded. Llama-family models generate with the lean decoder
-    (lighten.runtime.decode), others with transformers' generate. Decode speed excludes the prompt:
+    Engines: "torch" runs a lighten checkpoint on the packed runtime (weights stay packed; activations bf16,
+    fp32 for GGUF types) and anything else as loaded; Llama-family models generate with the lean decoder
+    (lighten.runtime.decode), others with transformers' generate. "llama.cpp" runs a checkpoint whose
+    weights are all GGUF block types in llama.cpp, on its exact GGUF export (cached: cached_gguf). "auto"
+    takes llama.cpp where it can run the checkpoint exactly, else torch. Decode speed excludes the prompt:
     (new tokens - 1) / (time after the first new token)."""
     if not prompts:
         raise LightenError("give at least one --prompt")
     if max_new_tokens < 1:
         raise LightenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    model, tokenizer = load(name_or_path, packed=is_checkpoint(name_or_path))
+    if engine not in ENGINES:
+        raise LightenError(f"--engine is one of {', '.join(ENGINES)}, got {engine!r}")
+    checkpoint = is_checkpoint(name_or_path)
+    unfit = llama_cpp_unfit(Path(name_or_path)) if checkpoint else "it is not a lighten checkpoint"
+    if engine == "llama.cpp" and unfit:
+        raise LightenError(
+            f"--engine llama.cpp cannot run {name_or_path} exactly: {unfit}; use --engine torch"
+        )
+    if engine != "torch" and not unfit:
+        return _run_llama_cpp(Path(name_or_path), prompts, max_new_tokens)
+    model, tokenizer = load(name_or_path, packed=checkpoint)
     encoder = model_kind(model) == "encoder"
-    encoded = _encode_prompts(model, tokenizer, prompts, 0 if encoder else max_new_tokens)
+    encoded = _encode_prompts(model.config, tokenizer, prompts, 0 if encoder else max_new_tokens)
     if encoder:
         start = time.perf_counter()
         emb = embed(model, tokenizer, prompts)
         seconds = time.perf_counter() - start
         return {
             "kind": "encoder",
+            "engine": "torch",
+            "kernels": kernel_counts(model),
             "dim": emb.shape[1],
             "cosine": (emb @ emb.T).tolist(),
             "sentences_per_s": len(prompts) / seconds,
@@ -187,26 +209,58 @@ def run_model(name_or_path: str | Path, prompts: list[str], max_new_tokens: int 
         decoder = Decoder(model, longest)
     except ModelError:  # a layout the lean decoder does not run (GPT-2, unknown attention parts)
         decoder = None
-    results = []
-    for prompt, ids in zip(prompts, encoded, strict=True):
-        if decoder is not None:
-            gen = decoder.generate(ids, max_new_tokens, stop=tokenizer.eos_token_id)
-        else:
-            gen = _hf_generate(model, ids, max_new_tokens)
-        results.append(
-            {
-                "prompt": prompt,
-                "completion": tokenizer.decode(gen.tokens),
-                "new_tokens": len(gen.tokens),
-                "decode_tokens_per_s": gen.decode_tokens_per_s,
-            }
-        )
+    generations = [
+        decoder.generate(ids, max_new_tokens, stop=tokenizer.eos_token_id)
+        if decoder is not None
+        else _hf_generate(model, ids, max_new_tokens)
+        for ids in encoded
+    ]
+    result = _generations(tokenizer, prompts, generations)
+    return {**result, "engine": "torch", "kernels": kernel_counts(model)}
+
+
+def _run_llama_cpp(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> dict:
+    with meta_parameters():  # the config and tokenizer only: llama.cpp holds the weights
+        shell, tokenizer = build_model(checkpoint)
+    encoded = _encode_prompts(shell.config, tokenizer, prompts, max_new_tokens)
+    n_ctx = max(len(ids) for ids in encoded) + max_new_tokens
+    # An fp32 KV cache (llama.cpp's default: f16), as the torch engine keeps: they agree to fp32 rounding.
+    threads = torch.get_num_threads()
+    llm = open_llama(cached_gguf(checkpoint), n_ctx=n_ctx, n_threads=threads, type_k=F32, type_v=F32)
+    generations = [generate_llama(llm, ids, max_new_tokens, stop=tokenizer.eos_token_id) for ids in encoded]
+    return {**_generations(tokenizer, prompts, generations), "engine": "llama.cpp"}
+
+
+def _generations(tokenizer, prompts: list[str], generations: list[Generation]) -> dict:
+    results = [
+        {
+            "prompt": prompt,
+            "completion": tokenizer.decode(gen.tokens),
+            "new_tokens": len(gen.tokens),
+            "decode_tokens_per_s": gen.decode_tokens_per_s,
+        }
+        for prompt, gen in zip(prompts, generations, strict=True)
+    ]
     return {"kind": "causal", "generations": results}
 
 
-def _encode_prompts(model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
+def kernel_counts(model) -> dict[str, int]:
+    """How many layers run on each kernel, e.g. {"ggml q4_0 (repacked)": 90, "torch fp32": 1}."""
+    counts = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            kernel = m.kernel()
+        elif isinstance(m, torch.nn.Linear):
+            kernel = f"torch {str(m.weight.dtype).removeprefix('torch.')}"
+        else:
+            continue
+        counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
+
+
+def _encode_prompts(config, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
     """Token ids of each prompt; a LightenError for an empty prompt or one the model cannot read whole."""
-    limit = max_positions(model.config)
+    limit = max_positions(config)
     encoded = []
     for i, prompt in enumerate(prompts, 1):
         ids = tokenizer(prompt)["input_ids"] if prompt.strip() else []

@@ -159,7 +159,8 @@ class Decoder:
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
-        self.caches = list(zip(self.k_cache, self.v_cache))  # each block's [1, kv_heads, max_len, head_dim]
+        # each block's [1, kv_heads, max_len, head_dim]
+        self.caches = list(zip(self.k_cache, self.v_cache, strict=True))
 
     def _direct(self, layer: nn.Module):
         """What computes `layer` on a [T, in] input with the fewest ops: ggml's product itself for a plain

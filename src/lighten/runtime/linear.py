@@ -48,6 +48,7 @@ class PackedLinear(nn.Module):
 
     ROW_BUFFERS: dict[str, int] = {}
     ROW_BLOCK = 1
+    KERNEL = ""  # what computes the product, for reports (lighten run --json)
 
     def __init__(self, spec: str, shape: tuple[int, int], k_padded: int, bias: torch.Tensor | None):
         super().__init__()
@@ -81,6 +82,10 @@ class PackedLinear(nn.Module):
         """Constructor arguments besides spec, in_features, the buffers and the bias."""
         return {}
 
+    def kernel(self) -> str:
+        """The spec and the kernel computing it, e.g. "int8:channel:sym: torch _weight_int8pack_mm"."""
+        return f"{self.spec}: {self.KERNEL}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.k_padded > self.in_features:
@@ -99,6 +104,7 @@ class Int8Linear(PackedLinear):
     weight: int8 [N, K padded to a multiple of 8]; scales: bf16 [N] (stored as int16)."""
 
     ROW_BUFFERS = {"weight": 0, "scales": 0}
+    KERNEL = "torch _weight_int8pack_mm"
 
     def __init__(self, spec, in_features, weight, scales, bias=None):
         super().__init__(spec, (weight.shape[0], in_features), weight.shape[1], bias)
@@ -126,6 +132,8 @@ class W8A8Linear(Int8Linear):
     With an `outlier_threshold`, LLM.int8()'s decomposition: the input columns where any |x| >= threshold
     leave the int8 product (zeroed before the per-token scales are taken) and are multiplied in fp32 with the
     same columns of the dequantized int8 weight, as bitsandbytes does in fp16."""
+
+    KERNEL = "torch _int_mm"
 
     def __init__(self, spec, in_features, weight, scales, bias=None, outlier_threshold: float | None = None):
         super().__init__(spec, in_features, weight, scales, bias)
@@ -163,6 +171,7 @@ class Int4Linear(PackedLinear):
     g128). weight: the kernel's layout, uint8 [N, K padded / 2]."""
 
     ROW_BUFFERS = {"weight": 0, "scales_and_zeros": 1}
+    KERNEL = "torch _weight_int4pack_mm_for_cpu"
     ROW_BLOCK = 64  # the kernel's layout interleaves rows within blocks of 64: stacked parts join there
 
     def __init__(self, spec, in_features, weight, scales_and_zeros, bias=None):
@@ -204,6 +213,8 @@ class DequantLinear(PackedLinear):
 
     The blocks are multiplied in fp32: decoding yields fp32 anyway, and fp32 GEMM is fast on any x86 CPU
     while bf16 GEMM is fast only with AVX512-BF16 / AMX (on AVX2 it is much slower)."""
+
+    KERNEL = "lighten decode + torch fp32 matmul"
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__(q.spec, q.shape, q.shape[1], bias)
@@ -268,11 +279,11 @@ class GGMLLinear(PackedLinear):
         return sum(w.nbytes for w in self.product.matrices)
 
     def kernel(self) -> str:
-        """ggml's kernel and layout for each type, e.g. "ggml q4_0 (repacked)"."""
-        parts = {
-            f"ggml {w.spec} ({'repacked' if w.repacked else 'in place'})": 0 for w in self.product.matrices
-        }
-        return " + ".join(parts)
+        """Each type on ggml and its layout, e.g. "q4_0: ggml (repacked) + q6_k: ggml (in place)"."""
+        layouts = (
+            f"{w.spec}: ggml ({'repacked' if w.repacked else 'in place'})" for w in self.product.matrices
+        )
+        return " + ".join(dict.fromkeys(layouts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.product.matmul(x.reshape(-1, self.in_features).float())
