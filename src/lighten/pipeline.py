@@ -183,12 +183,18 @@ def run_model(
         raise LightenError(f"--engine is one of {', '.join(ENGINES)}, got {engine!r}")
     checkpoint = is_checkpoint(name_or_path)
     unfit = llama_cpp_unfit(Path(name_or_path)) if checkpoint else "it is not a lighten checkpoint"
+    gguf = None
+    if engine != "torch" and not unfit:
+        try:
+            gguf = cached_gguf(Path(name_or_path))
+        except LightenError as e:  # what the export refuses: the tokenizer, an online rotation
+            unfit = str(e)
     if engine == "llama.cpp" and unfit:
         raise LightenError(
             f"--engine llama.cpp cannot run {name_or_path} exactly: {unfit}; use --engine torch"
         )
-    if engine != "torch" and not unfit:
-        return _run_llama_cpp(Path(name_or_path), prompts, max_new_tokens)
+    if gguf is not None:
+        return _run_llama_cpp(Path(name_or_path), gguf, prompts, max_new_tokens)
     model, tokenizer = load(name_or_path, packed=checkpoint)
     encoder = model_kind(model) == "encoder"
     encoded = _encode_prompts(model.config, tokenizer, prompts, 0 if encoder else max_new_tokens)
@@ -219,14 +225,14 @@ def run_model(
     return {**result, "engine": "torch", "kernels": kernel_counts(model)}
 
 
-def _run_llama_cpp(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> dict:
+def _run_llama_cpp(checkpoint: Path, gguf: Path, prompts: list[str], max_new_tokens: int) -> dict:
     with meta_parameters():  # the config and tokenizer only: llama.cpp holds the weights
         shell, tokenizer = build_model(checkpoint)
     encoded = _encode_prompts(shell.config, tokenizer, prompts, max_new_tokens)
     n_ctx = max(len(ids) for ids in encoded) + max_new_tokens
     # An fp32 KV cache (llama.cpp's default: f16), as the torch engine keeps: they agree to fp32 rounding.
     threads = torch.get_num_threads()
-    llm = open_llama(cached_gguf(checkpoint), n_ctx=n_ctx, n_threads=threads, type_k=F32, type_v=F32)
+    llm = open_llama(gguf, n_ctx=n_ctx, n_threads=threads, type_k=F32, type_v=F32)
     generations = [generate_llama(llm, ids, max_new_tokens, stop=tokenizer.eos_token_id) for ids in encoded]
     return {**_generations(tokenizer, prompts, generations), "engine": "llama.cpp"}
 
