@@ -257,3 +257,15 @@ def test_fallback_holds_the_quantized_tensor_as_stored():
     assert held.spec == q.spec and held.shape == q.shape
     for name, t in q.tensors.items():
         assert held.tensors[name].dtype == t.dtype and torch.equal(held.tensors[name], t)
+
+
+def test_gguf_layers_compose_with_torch_compile():
+    """ggml's matmul is a torch op (lighten::ggml_matmul): torch.compile traces a model through it in one
+    graph (fullgraph: no break at the ctypes call), its fake giving the output shape, and computes what
+    eager does."""
+    q, b = quantized("q4_0")
+    model = torch.nn.Sequential(torch.nn.Linear(K, K), packed_linear(q, b), torch.nn.GELU())
+    x = torch.randn(4, K)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))

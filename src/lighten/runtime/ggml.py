@@ -24,8 +24,10 @@ Tested with the ggml of llama-cpp-python 0.3.36 (ggml 0.25.3).
 import contextlib
 import ctypes
 import functools
+import itertools
 import pathlib
 import sys
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -258,6 +260,8 @@ class GGMLProduct:
         self.matrices, self.k = list(matrices), ks.pop()
         self.n = sum(w.n for w in matrices)
         self._graphs = OrderedDict()
+        self.handle = next(_handles)  # how the torch op ggml_matmul names this product
+        _products[self.handle] = self
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [m, k] (fp32) -> [m, n₁ + n₂ + ...] (fp32), on ggml's kernels with set_threads' threads."""
@@ -301,6 +305,22 @@ class GGMLProduct:
     def __del__(self):
         for g in getattr(self, "_graphs", {}).values():
             g.free()
+
+
+_products = weakref.WeakValueDictionary()  # handle -> GGMLProduct
+_handles = itertools.count()
+
+
+@torch.library.custom_op("lighten::ggml_matmul", mutates_args=())
+def ggml_matmul(x: torch.Tensor, product: int) -> torch.Tensor:
+    """GGMLProduct.matmul as a torch op, the product named by its handle: torch.compile traces through it
+    in one graph (a ctypes call would break the graph) and takes its output shape from the fake below."""
+    return _products[product].matmul(x)
+
+
+@ggml_matmul.register_fake
+def _(x: torch.Tensor, product: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _products[product].n)
 
 
 class _Product:
