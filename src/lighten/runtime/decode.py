@@ -200,7 +200,7 @@ class Decoder:
             x = x + b.o(a[0].transpose(0, 1).reshape(t, heads * hd))
             g, u = b.gate_up(b.norm2(x)).chunk(2, -1)
             x = x + b.down(b.act(g) * u)
-        return self.lm_head(self.final_norm(x[-1]))
+        return self.lm_head(self.final_norm(x[-1:]))[0]  # 2-D: packed layers take it as it is
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: int | None = None) -> Generation:
         """Greedy continuation of `prompt_ids`; stops early after the `stop` token."""
