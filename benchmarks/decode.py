@@ -9,7 +9,9 @@ memory-bandwidth limit (bandwidth measured here ÷ weight bytes read per token).
 Same weights: for each GGUF type (--types) the model's matrices are quantized by lighten (RTN) and lm_head
 to Q8_0 (untied from the embeddings: what llama-quantize gives the output matrix); `lighten TYPE` runs
 them packed on ggml's kernels (lighten.runtime.ggml), `llama.cpp TYPE` runs the GGUF file lighten exports
-from the very same blocks (its token_embd, of which a token reads one row, is Q8_0 too).
+from the very same blocks (its token_embd, of which a token reads one row, is Q8_0 too), and `lighten run
+TYPE (auto)` is `lighten run`'s llama.cpp engine on the exact export a checkpoint of them gets (the same
+blocks, token_embd F32, an fp32 KV cache).
 
 llama-1b is TinyLlama-1.1B's shape (22 layers, hidden 2048, MLP 5632, 32 heads, 4 KV heads) with SmolLM2's
 vocabulary and tokenizer and random weights: its speed is real, its text is noise. llama.cpp opens the files
@@ -32,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lighten.checkpoint import load
 from lighten.export.gguf import export_gguf
-from lighten.export.llamacpp import open_llama
+from lighten.export.llamacpp import generate_llama, open_exact, open_llama
 from lighten.formats import get
 from lighten.plan import make_plan
 from lighten.quantize import quantize_weights
@@ -62,6 +64,17 @@ def llama_cpp_decoder(path: Path, threads: int):
             if len(stamps) == n + 1:
                 break
         return stamps[-1] - stamps[0]
+
+    return decode
+
+
+def lighten_run_decoder(path: Path, threads: int):
+    """`lighten run`'s llama.cpp engine (what auto picks for an all-GGUF checkpoint): its exact export
+    (`path`, the other matrices F32), an fp32 KV cache, lighten's generate loop."""
+    llm = open_exact(path, 512, threads)
+
+    def decode(prompt_ids: list[int], n: int) -> float:
+        return generate_llama(llm, prompt_ids, n + 1).decode_s
 
     return decode
 
@@ -164,6 +177,9 @@ def main():
             weight_bytes[f"llama.cpp {spec}"] = gguf_bytes(path)
             engines[f"lighten {spec} (ggml)"] = lean_decoder(m, max_len)
             weight_bytes[f"lighten {spec} (ggml)"] = bytes_per_token(m)
+            exact = export_gguf(model, tokenizer, Path(tmp) / f"{spec}-exact.gguf", "F32", blocks=quantized)
+            engines[f"lighten run {spec} (auto)"] = lighten_run_decoder(exact, args.threads)
+            weight_bytes[f"lighten run {spec} (auto)"] = gguf_bytes(exact)
         variants = {} if args.skip_fp32 else {"fp32": model}
         for spec in ("int8:channel", "int4:g32"):
             variants[f"{spec} (torch)"] = packed(model, spec)[1]
@@ -195,11 +211,13 @@ def main():
             f"{weight_bytes[name] / 1e6:>9.1f} {limit:>7.0f} {best / limit:>9.0%}"
         )
     for spec in args.types.split(","):
-        ours, theirs = times[f"lighten {spec} (ggml)"], times[f"llama.cpp {spec}"]
-        print(
-            f"lighten / llama.cpp, {spec}: best {min(theirs) / min(ours):.2f}x, "
-            f"median {statistics.median(theirs) / statistics.median(ours):.2f}x"
-        )
+        theirs = times[f"llama.cpp {spec}"]
+        for engine in (f"lighten {spec} (ggml)", f"lighten run {spec} (auto)"):
+            ours = times[engine]
+            print(
+                f"{engine} / llama.cpp: best {min(theirs) / min(ours):.2f}x, "
+                f"median {statistics.median(theirs) / statistics.median(ours):.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lighten.eval.corpora import wiki_texts
 from lighten.eval.embeddings import embed
 from lighten.export.compressed_tensors import export_compressed_tensors
 from lighten.export.gguf import export_gguf_from, is_lighten_gguf
-from lighten.export.llamacpp import cached_gguf, generate_llama, llama_cpp_unfit, open_llama
+from lighten.export.llamacpp import cached_gguf, generate_llama, llama_cpp_unfit, open_exact
 from lighten.models import build_model, load_model, model_kind, open_weights, resolve
 from lighten.models.limits import max_positions
 from lighten.plan import budget_plan, plan_from_recipe
@@ -160,7 +160,6 @@ def run_demo(
 
 
 ENGINES = ("auto", "torch", "llama.cpp")
-F32 = 0  # GGML_TYPE_F32
 
 
 @torch.inference_mode()
@@ -230,9 +229,7 @@ def _run_llama_cpp(checkpoint: Path, gguf: Path, prompts: list[str], max_new_tok
         shell, tokenizer = build_model(checkpoint)
     encoded = _encode_prompts(shell.config, tokenizer, prompts, max_new_tokens)
     n_ctx = max(len(ids) for ids in encoded) + max_new_tokens
-    # An fp32 KV cache (llama.cpp's default: f16), as the torch engine keeps: they agree to fp32 rounding.
-    threads = torch.get_num_threads()
-    llm = open_llama(gguf, n_ctx=n_ctx, n_threads=threads, type_k=F32, type_v=F32)
+    llm = open_exact(gguf, n_ctx, torch.get_num_threads())
     generations = [generate_llama(llm, ids, max_new_tokens, stop=tokenizer.eos_token_id) for ids in encoded]
     return {**_generations(tokenizer, prompts, generations), "engine": "llama.cpp"}
 

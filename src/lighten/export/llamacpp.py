@@ -2,7 +2,7 @@
 engine of `lighten run`.
 
     llm = open_llama("model.gguf", n_ctx=512, logits_all=True)   # keyword arguments as llama_cpp.Llama's
-    generate_llama(open_llama(cached_gguf(checkpoint)), prompt_ids, 32)   # a checkpoint, run exactly
+    generate_llama(open_exact(cached_gguf(checkpoint), 512, 2), prompt_ids, 32)   # a checkpoint, exactly
 
 On CPUs with AMX (Intel Xeon Sapphire Rapids and later) a GGML_NATIVE build repacks quantized weights into
 ggml's AMX "extra buffer" and crashes on the first decode of Q8_0 / Q4_0 / k-quant models, so there the
@@ -17,6 +17,8 @@ from pathlib import Path
 
 from lighten.cpu import has_amx
 from lighten.errors import LightenError
+
+F32 = 0  # GGML_TYPE_F32
 
 
 def open_llama(path: str | Path, **kwargs):
@@ -83,6 +85,12 @@ def cached_gguf(checkpoint: Path) -> Path:
         # so its pre-tokenizer needs no detecting.
         export_gguf_from(checkpoint, path, "F32", pre_tokenizer="default")
     return path
+
+
+def open_exact(path: Path, n_ctx: int, threads: int):
+    """The GGUF file as `lighten run`'s llama.cpp engine opens it: with an fp32 KV cache (llama.cpp's
+    default is f16), as lighten's torch engine keeps, so that the two agree to fp32 rounding."""
+    return open_llama(path, n_ctx=n_ctx, n_threads=threads, type_k=F32, type_v=F32)
 
 
 def generate_llama(llm, prompt_ids: list[int], max_new_tokens: int, stop: int | None = None):
