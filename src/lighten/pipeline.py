@@ -182,18 +182,20 @@ def run_model(
         raise LightenError(f"--engine is one of {', '.join(ENGINES)}, got {engine!r}")
     checkpoint = is_checkpoint(name_or_path)
     unfit = llama_cpp_unfit(Path(name_or_path)) if checkpoint else "it is not a lighten checkpoint"
-    gguf = None
     if engine != "torch" and not unfit:
+        with meta_parameters():  # the config and tokenizer only: llama.cpp holds the weights
+            shell, tokenizer = build_model(Path(name_or_path))
+        encoded = _encode_prompts(shell.config, tokenizer, prompts, max_new_tokens)  # before the export
         try:
             gguf = cached_gguf(Path(name_or_path))
         except LightenError as e:  # what the export refuses: the tokenizer, an online rotation
             unfit = str(e)
+        else:
+            return _run_llama_cpp(gguf, tokenizer, prompts, encoded, max_new_tokens)
     if engine == "llama.cpp" and unfit:
         raise LightenError(
             f"--engine llama.cpp cannot run {name_or_path} exactly: {unfit}; use --engine torch"
         )
-    if gguf is not None:
-        return _run_llama_cpp(Path(name_or_path), gguf, prompts, max_new_tokens)
     model, tokenizer = load(name_or_path, packed=checkpoint)
     encoder = model_kind(model) == "encoder"
     encoded = _encode_prompts(model.config, tokenizer, prompts, 0 if encoder else max_new_tokens)
@@ -224,13 +226,9 @@ def run_model(
     return {**result, "engine": "torch", "kernels": kernel_counts(model)}
 
 
-def _run_llama_cpp(checkpoint: Path, gguf: Path, prompts: list[str], max_new_tokens: int) -> dict:
-    with meta_parameters():  # the config and tokenizer only: llama.cpp holds the weights
-        shell, tokenizer = build_model(checkpoint)
-    encoded = _encode_prompts(shell.config, tokenizer, prompts, max_new_tokens)
-    n_ctx = max(len(ids) for ids in encoded) + max_new_tokens
-    llm = open_exact(gguf, n_ctx, torch.get_num_threads())
-    generations = [generate_llama(llm, ids, max_new_tokens, stop=tokenizer.eos_token_id) for ids in encoded]
+def _run_llama_cpp(gguf: Path, tokenizer, prompts: list[str], encoded: list[list[int]], new: int) -> dict:
+    llm = open_exact(gguf, max(len(ids) for ids in encoded) + new, torch.get_num_threads())
+    generations = [generate_llama(llm, ids, new, stop=tokenizer.eos_token_id) for ids in encoded]
     return {**_generations(tokenizer, prompts, generations), "engine": "llama.cpp"}
 
 
