@@ -4,7 +4,7 @@ import itertools
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_model
 
@@ -46,8 +46,16 @@ def _brute_force(costs, sizes, budget):
     return min(total_cost(p, costs) for p in plans if total_size(p, sizes) <= budget)
 
 
+SUBNORMAL_SPREAD = (  # costs that differ by the smallest normal float: scaling them once overflowed
+    {("w0", "f0"): 0.0, ("w0", "f1"): 0.0, ("w1", "f0"): 0.0, ("w1", "f1"): 2.2250738585072014e-308},
+    {("w0", "f0"): 1, ("w0", "f1"): 1, ("w1", "f0"): 1, ("w1", "f1"): 1},
+    2,
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(instances())
+@example(SUBNORMAL_SPREAD)
 def test_ilp_is_optimal_and_beats_greedy(instance):
     costs, sizes, budget = instance
     ilp, greedy = allocate_ilp(costs, sizes, budget), allocate_greedy(costs, sizes, budget)

@@ -47,7 +47,9 @@ def allocate_ilp(
     # that gap negligible. Subtracting each weight's cheapest cost is a constant and keeps numbers small.
     floor = {name: min(costs[name, s] for s in specs) for name, specs in options.items()}
     spread = max(costs[k] - floor[k[0]] for k in keys)
-    objective = (cost - [floor[name] for name, _ in keys]) * (1e6 / spread if spread > 0 else 1)
+    objective = cost - [floor[name] for name, _ in keys]
+    if spread > 0:  # divided first: 1e6 / spread overflows for a subnormal spread (hypothesis found 2e-308)
+        objective = objective / spread * 1e6
     one_each = np.array([[k[0] == name for k in keys] for name in options], dtype=float)
     knapsack = np.array([[sizes[k] for k in keys]], dtype=float)
     result = milp(
