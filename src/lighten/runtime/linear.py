@@ -16,8 +16,9 @@ Every buffer is stored in an integer dtype (floating scales are reinterpreted, n
 casts every floating tensor of a model, and that must not round the stored scales.
 
 A QuantizedTensor is read only through its format (codes, scale_zero, row slices: lighten.formats), never by
-parsing its buffers here. Int8Linear, Int4Linear and GGMLLinear keep the kernel's own layout, whose rows stack
-into one layer computing several (PackedLinear.stacked: the lean decoder's joined q/k/v and gate/up).
+parsing its buffers here. Int8Linear and Int4Linear keep the kernel's own layout, whose rows stack into one
+layer computing several (PackedLinear.stacked: the lean decoder's joined q/k/v and gate/up); GGMLLinear's
+weights are ggml's (no torch buffers), and its layers join as one ggml graph over them.
 """
 
 import functools
