@@ -53,28 +53,13 @@ LLAMA_1B = dict(
 )
 
 
-def llama_cpp_decoder(path: Path, threads: int):
-    llm = open_llama(path, n_ctx=512, n_threads=threads)
+def llama_cpp_decoder(llm):
+    """Greedy decode in llama.cpp with lighten run's loop (generate_llama): `llm` as llama.cpp opens a file
+    by default (open_llama), or as `lighten run`'s llama.cpp engine, what auto picks for an all-GGUF
+    checkpoint, opens its exact export (open_exact: the other matrices F32, an fp32 KV cache)."""
 
     def decode(prompt_ids: list[int], n: int) -> float:
-        llm.reset()
-        stamps = []
-        for _ in llm.generate(prompt_ids, temp=0.0, top_k=1):
-            stamps.append(time.perf_counter())
-            if len(stamps) == n + 1:
-                break
-        return stamps[-1] - stamps[0]
-
-    return decode
-
-
-def lighten_run_decoder(path: Path, threads: int):
-    """`lighten run`'s llama.cpp engine (what auto picks for an all-GGUF checkpoint): its exact export
-    (`path`, the other matrices F32), an fp32 KV cache, lighten's generate loop."""
-    llm = open_exact(path, 512, threads)
-
-    def decode(prompt_ids: list[int], n: int) -> float:
-        return generate_llama(llm, prompt_ids, n + 1).decode_s
+        return generate_llama(llm, prompt_ids, n + 1).decode_s  # n tokens after the first
 
     return decode
 
@@ -173,12 +158,14 @@ def main():
         for spec in args.types.split(","):
             quantized, m = packed(model, spec, head="q8_0")
             path = export_gguf(model, tokenizer, Path(tmp) / f"{spec}.gguf", "Q8_0", blocks=quantized)
-            engines[f"llama.cpp {spec}"] = llama_cpp_decoder(path, args.threads)
+            engines[f"llama.cpp {spec}"] = llama_cpp_decoder(
+                open_llama(path, n_ctx=512, n_threads=args.threads)
+            )
             weight_bytes[f"llama.cpp {spec}"] = gguf_bytes(path)
             engines[f"lighten {spec} (ggml)"] = lean_decoder(m, max_len)
             weight_bytes[f"lighten {spec} (ggml)"] = bytes_per_token(m)
             exact = export_gguf(model, tokenizer, Path(tmp) / f"{spec}-exact.gguf", "F32", blocks=quantized)
-            engines[f"lighten run {spec} (auto)"] = lighten_run_decoder(exact, args.threads)
+            engines[f"lighten run {spec} (auto)"] = llama_cpp_decoder(open_exact(exact, 512, args.threads))
             weight_bytes[f"lighten run {spec} (auto)"] = gguf_bytes(exact)
         variants = {} if args.skip_fp32 else {"fp32": model}
         for spec in ("int8:channel", "int4:g32"):

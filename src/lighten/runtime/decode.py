@@ -151,7 +151,7 @@ class Decoder:
         self.embed = base.embed_tokens
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
-        self.cos, self.sin = cos[0, :, None], sin[0, :, None]  # [max_len, 1, head_dim]: one for all heads
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         self.rotate_half = _rotate_half_matrix(self.head_dim, self.dtype)
         # ggml computes on a thread pool of its own: torch single-threaded beside it (lighten.runtime.ggml).
         on_ggml = any(isinstance(m, GGMLLinear) for m in model.modules())
@@ -181,7 +181,7 @@ class Decoder:
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         # RoPE of each position as one [head_dim, head_dim] matrix, built once for all blocks: x·cos +
         # (x R)·sin = x (diag(cos) + R diag(sin)), each output one sum of two products as before.
-        cos, sin = self.cos[pos : pos + t, 0], self.sin[pos : pos + t, 0]
+        cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
         rope = torch.diag_embed(cos) + self.rotate_half * sin[:, None, :]  # [T, hd, hd]
         end = pos + t
         x = self.embed(tokens)  # [T, hidden]: no batch dim, fewer ops per layer
@@ -189,9 +189,8 @@ class Decoder:
             qkv = b.qkv(b.norm1(x)).view(t, heads + 2 * kv_heads, hd)
             qk = qkv[:, : heads + kv_heads]  # RoPE on the q and k heads in one go: 1 op, not 7
             qk = qk @ rope
-            k_cache[:, :, pos:end] = qk[:, heads:].transpose(
-                0, 1
-            )  # [kv_heads, T, hd] into [1, kv_heads, ...]
+            # [kv_heads, T, hd] into the cache's [1, kv_heads, max_len, hd]
+            k_cache[:, :, pos:end] = qk[:, heads:].transpose(0, 1)
             v_cache[:, :, pos:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
             q = qk[:, :heads].transpose(0, 1)[None]
             a = F.scaled_dot_product_attention(

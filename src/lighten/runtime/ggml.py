@@ -272,20 +272,16 @@ class GGMLProduct:
         lib.backend_tensor_set(g.x, x.data_ptr(), 0, x.numel() * 4)
         if lib.backend_graph_compute(lib.backend, g.graph) != 0:
             raise LightenError(f"ggml's matmul failed ({self.n} x {self.k}, batch {m})")
-        y = torch.empty(m, self.n)
         if len(g.ys) == 1 or m == 1:  # the outputs' rows are y's: read them straight in
-            offset = 0
+            y, offset = torch.empty(m, self.n), 0
             for out, w in zip(g.ys, self.matrices, strict=True):
                 lib.backend_tensor_get(out, y.data_ptr() + offset, 0, m * w.n * 4)
                 offset += m * w.n * 4
             return y
-        start = 0
-        for out, w in zip(g.ys, self.matrices, strict=True):
-            part = torch.empty(m, w.n)
+        parts = [torch.empty(m, w.n) for w in self.matrices]
+        for out, part in zip(g.ys, parts, strict=True):
             lib.backend_tensor_get(out, part.data_ptr(), 0, part.numel() * 4)
-            y[:, start : start + w.n] = part
-            start += w.n
-        return y
+        return torch.cat(parts, 1)
 
     def _graph(self, m: int) -> "_Product":
         if m in self._graphs:
