@@ -71,10 +71,11 @@ def candidates(w: torch.Tensor) -> dict:
 
 def graph_only(product: ggml.GGMLProduct):
     """ggml's compute of the product's graph for x's batch size, x already in place: ggml's own speed."""
-    lib = ggml._ggml()
+    lib, graphs = ggml._ggml(), {}
 
     def compute(x):
-        graph = product._graph(x.shape[0])
+        m = x.shape[0]
+        graph = graphs.get(m) or graphs.setdefault(m, ggml._Graph(product.widths, m, product.build))
         lib.backend_graph_compute(lib.backend, graph.graph)
 
     return compute

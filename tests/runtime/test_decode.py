@@ -11,6 +11,7 @@ from lighten.plan import make_plan
 from lighten.quantize import quantize_weights
 from lighten.runtime import pack_model
 from lighten.runtime.decode import Concat, Decoder, join_linears
+from lighten.runtime.ggml import GGMLFunction
 from lighten.runtime.linear import DequantLinear, Int4Linear, Int8Linear
 from lighten.surgery import apply_surgery
 
@@ -35,6 +36,8 @@ def test_decoder_matches_hugging_face(arch, spec):
         want_logits = model(ids).logits[0, -1].float()
         want_tokens = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     decoder = Decoder(model, max_len=64)
+    # A GGUF type runs each block as ggml graphs (norms, matmuls, SiLU, residual adds); others on the modules.
+    assert isinstance(decoder.blocks[0].rest, GGMLFunction) == (spec == "q4_0")
     got_logits = decoder.forward(ids[0], 0).float()
     # Same modules, same order of operations: fp32 agrees to rounding, bf16 to bf16's (attention's softmax
     # and RoPE may round at other places than transformers' own code).

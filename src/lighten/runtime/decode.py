@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from lighten.errors import ModelError
-from lighten.models.arch import model_view
-from lighten.runtime.ggml import ggml_owns_cores
+from lighten.models.arch import Block, model_view
+from lighten.runtime.ggml import GGMLFunction, ggml_owns_cores
 from lighten.runtime.linear import GGMLLinear, PackedLinear
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose tables do not depend on the length
@@ -87,13 +88,8 @@ def _stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
 
 @dataclass
 class LeanBlock:
-    norm1: Callable
-    qkv: Callable
-    o: Callable
-    norm2: Callable
-    gate_up: Callable
-    act: Callable
-    down: Callable
+    qkv: Callable  # residual stream x [T, hidden] -> q, k, v of norm1(x), side by side
+    rest: Callable  # x, the attention heads [T, heads · head_dim] -> x + o(a), then the MLP with its residual
 
 
 @dataclass
@@ -135,19 +131,16 @@ class Decoder:
         self.max_len = max_len
         self.heads, self.kv_heads, self.head_dim = view.num_heads, view.num_kv_heads, view.head_dim
         self.dtype = base.embed_tokens.weight.dtype
+        # An all-GGUF model in fp32 computes each block as two ggml graphs (norm and q/k/v; o, residual, norm,
+        # MLP and residual): 2 calls a block in place of 4 matmuls and a dozen torch ops.
+        on_ggml = self.dtype == torch.float32
         self.blocks = [
-            LeanBlock(
-                _fused_norm(b.attn.norm),
-                self._direct(join_linears(list(b.attn.linears.values()))),
-                self._direct(b.attn_out[1]),
-                _fused_norm(b.mlp.norm),
-                self._direct(join_linears(list(b.mlp.linears.values()))),
-                F.silu if isinstance(layer.mlp.act_fn, nn.SiLU) else layer.mlp.act_fn,
-                self._direct(b.mlp_out[1]),
-            )
+            (on_ggml and _ggml_block(b, layer)) or _torch_block(b, layer)
             for b, layer in zip(view.blocks, base.layers, strict=True)
         ]
-        self.final_norm, self.lm_head = _fused_norm(base.norm), model.lm_head
+        self.head = (on_ggml and _ggml_head(base.norm, model.lm_head)) or _torch_head(
+            base.norm, model.lm_head
+        )
         self.embed = base.embed_tokens
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
@@ -161,13 +154,6 @@ class Decoder:
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         # each block's [1, kv_heads, max_len, head_dim]
         self.caches = list(zip(self.k_cache, self.v_cache, strict=True))
-
-    def _direct(self, layer: nn.Module):
-        """What computes `layer` on a [T, in] input with the fewest ops: for a plain GGMLLinear in an fp32
-        decoder ggml's product itself (a module call costs µs here, 120 of them a token), else the layer."""
-        plain = isinstance(layer, GGMLLinear) and layer.bias is None and self.dtype == torch.float32
-        hooked = isinstance(layer, nn.Module) and (layer._forward_hooks or layer._forward_pre_hooks)
-        return layer.product.matmul if plain and not hooked else layer
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
@@ -186,7 +172,7 @@ class Decoder:
         end = pos + t
         x = self.embed(tokens)  # [T, hidden]: no batch dim, fewer ops per layer
         for b, (k_cache, v_cache) in zip(self.blocks, self.caches, strict=True):
-            qkv = b.qkv(b.norm1(x)).view(t, heads + 2 * kv_heads, hd)
+            qkv = b.qkv(x).view(t, heads + 2 * kv_heads, hd)
             qk = qkv[:, : heads + kv_heads]  # RoPE on the q and k heads in one go: 1 op, not 7
             qk = qk @ rope
             # [kv_heads, T, hd] into the cache's [1, kv_heads, max_len, hd]
@@ -196,10 +182,8 @@ class Decoder:
             a = F.scaled_dot_product_attention(
                 q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=t > 1, enable_gqa=True
             )
-            x = x + b.o(a[0].transpose(0, 1).reshape(t, heads * hd))
-            g, u = b.gate_up(b.norm2(x)).chunk(2, -1)
-            x = x + b.down(b.act(g) * u)
-        return self.lm_head(self.final_norm(x[-1:]))[0]  # 2-D: packed layers take it as it is
+            x = b.rest(x, a[0].transpose(0, 1).reshape(t, heads * hd))
+        return self.head(x[-1:])[0]  # 2-D: packed layers take it as it is
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: int | None = None) -> Generation:
         """Greedy continuation of `prompt_ids`; stops early after the `stop` token."""
@@ -227,13 +211,95 @@ def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
     return r
 
 
+def _torch_block(b: Block, layer: nn.Module) -> LeanBlock:
+    """The block on its own modules, q/k/v and gate/up joined (join_linears), RMSNorm as one fused op."""
+    norm1, qkv = _fused_norm(b.attn.norm), join_linears(list(b.attn.linears.values()))
+    o, norm2, down = b.attn_out[1], _fused_norm(b.mlp.norm), b.mlp_out[1]
+    gate_up = join_linears(list(b.mlp.linears.values()))
+    act = F.silu if _is_silu(layer.mlp.act_fn) else layer.mlp.act_fn
+
+    def rest(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        x = x + o(a)
+        g, u = gate_up(norm2(x)).chunk(2, -1)
+        return x + down(act(g) * u)
+
+    return LeanBlock(lambda x: qkv(norm1(x)), rest)
+
+
+def _torch_head(norm: nn.Module, lm_head: nn.Module) -> Callable:
+    final_norm = _fused_norm(norm)
+    return lambda x: lm_head(final_norm(x))
+
+
+def _ggml_block(b: Block, layer: nn.Module) -> LeanBlock | None:
+    """The block as two ggml graphs, or None if it has a part they do not compute (a layer not on ggml,
+    hooks, a norm other than RMSNorm, an activation other than SiLU)."""
+    (q, k, v), (gate, up) = b.attn.linears.values(), b.mlp.linears.values()
+    o, down = b.attn_out[1], b.mlp_out[1]
+    norm1, norm2 = _rms_norm_gain(b.attn.norm), _rms_norm_gain(b.mlp.norm)
+    layers = (q, k, v, o, gate, up, down)
+    if not (all(map(_on_ggml, layers)) and norm1 and norm2 and _is_silu(layer.mlp.act_fn)):
+        return None
+
+    def attn_in(g, x):
+        h = g.rms_norm(x, *norm1)
+        return [_linear(g, m, h) for m in (q, k, v)]
+
+    def rest(g, x, a):
+        x = g.add(x, _linear(g, o, a))
+        h = g.rms_norm(x, *norm2)
+        return [g.add(x, _linear(g, down, g.swiglu(_linear(g, gate, h), _linear(g, up, h))))]
+
+    hidden = q.in_features
+    return LeanBlock(
+        GGMLFunction([hidden], q.out_features + k.out_features + v.out_features, attn_in),
+        GGMLFunction([hidden, o.in_features], hidden, rest),
+    )
+
+
+def _ggml_head(norm: nn.Module, lm_head: nn.Module) -> Callable | None:
+    gain = _rms_norm_gain(norm)
+    if not (gain and _on_ggml(lm_head)):
+        return None
+    return GGMLFunction(
+        [lm_head.in_features], lm_head.out_features, lambda g, x: [_linear(g, lm_head, g.rms_norm(x, *gain))]
+    )
+
+
+def _on_ggml(layer: nn.Module) -> bool:
+    """A GGMLLinear of one weight, without hooks: what the graphs compute in its place."""
+    return (
+        isinstance(layer, GGMLLinear)
+        and len(layer.product.matrices) == 1
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+    )
+
+
+def _is_silu(act: nn.Module) -> bool:
+    """torch's SiLU or transformers' (its module for hidden_act "silu"), hooks on neither."""
+    kinds = (nn.SiLU, SiLUActivation)
+    return isinstance(act, kinds) and not (act._forward_hooks or act._forward_pre_hooks)
+
+
+def _linear(g, layer: GGMLLinear, x):
+    return g.matmul(layer.product.matrices[0], x, layer.bias)
+
+
+def _rms_norm_gain(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(gain, eps) of Hugging Face's Llama-style RMSNorm, x / sqrt(mean(x²) + eps) · gain, without hooks;
+    None for any other norm."""
+    if (
+        type(norm).__name__.endswith("RMSNorm")
+        and hasattr(norm, "variance_epsilon")
+        and not norm._forward_hooks
+    ):
+        return norm.weight, norm.variance_epsilon
+    return None
+
+
 def _fused_norm(norm: nn.Module):
     """Hugging Face's RMSNorm as one fused op (it runs seven small ones); any other norm as it is."""
-    if (
-        not (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon"))
-        or norm._forward_hooks
-    ):
+    gain = _rms_norm_gain(norm)
+    if gain is None:
         return norm
-    return functools.partial(
-        F.rms_norm, normalized_shape=norm.weight.shape, weight=norm.weight, eps=norm.variance_epsilon
-    )
+    return functools.partial(F.rms_norm, normalized_shape=gain[0].shape, weight=gain[0], eps=gain[1])

@@ -28,7 +28,6 @@ import itertools
 import pathlib
 import sys
 import weakref
-from collections import OrderedDict
 
 import torch
 
@@ -36,7 +35,8 @@ from lighten.cpu import has_amx
 from lighten.errors import LightenError
 from lighten.formats.ggml import GGMLFormat
 
-GRAPHS_PER_PRODUCT = 4  # graphs kept per product, one per batch size m (decode's m = 1, prefill's lengths)
+MAX_NODES = 64  # tensors in a graph: a Llama block's MLP half has 12
+F32 = 0  # GGML_TYPE_F32
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 WARN, CONT = 3, 5  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT (continues the previous message)
 
@@ -64,8 +64,15 @@ _SIGNATURES = {  # name: (library, result, argument types)
     "ggml_log_set": ("base", None, [_LOG, _P]),
     "ggml_tensor_overhead": ("base", _SIZE, []),
     "ggml_graph_overhead_custom": ("base", _SIZE, [_SIZE, ctypes.c_bool]),
+    "ggml_new_tensor_1d": ("base", _P, [_P, ctypes.c_int, _I64]),
     "ggml_new_tensor_2d": ("base", _P, [_P, ctypes.c_int, _I64, _I64]),
+    "ggml_nelements": ("base", _I64, [_P]),
+    "ggml_nrows": ("base", _I64, [_P]),
     "ggml_mul_mat": ("base", _P, [_P, _P, _P]),
+    "ggml_rms_norm": ("base", _P, [_P, _P, ctypes.c_float]),
+    "ggml_mul": ("base", _P, [_P, _P, _P]),
+    "ggml_add": ("base", _P, [_P, _P, _P]),
+    "ggml_swiglu_split": ("base", _P, [_P, _P, _P]),
     "ggml_new_graph_custom": ("base", _P, [_P, _SIZE, ctypes.c_bool]),
     "ggml_build_forward_expand": ("base", None, [_P, _P]),
     "ggml_backend_alloc_ctx_tensors_from_buft": ("base", _P, [_P, _P]),
@@ -207,8 +214,8 @@ class GGMLMatrix:
         self.buffer = None
         if repack and lib.repack is not None:
             self.buffer = lib.backend_alloc_ctx_tensors_from_buft(self.ctx, lib.repack)
-            probe = _Product([self], 1)
-            has_layout = lib.backend_dev_supports_op(lib.device, probe.ys[0])
+            probe = _Graph([self.k], 1, lambda g, x: [g.matmul(self, x)])
+            has_layout = lib.backend_dev_supports_op(lib.device, probe.outputs[0])
             probe.free()
             if not has_layout:
                 self.close()
@@ -248,62 +255,91 @@ class GGMLMatrix:
             self.close()
 
 
-class GGMLProduct:
-    """y = x [W₁; W₂; ...]ᵀ for matrices of one input width k: their products side by side, one ggml graph
-    (per batch size m, the GRAPHS_PER_PRODUCT most recent kept) computing them all in one call. Copies
-    (deepcopy) share the matrices and build graphs of their own."""
+class GGMLFunction:
+    """y = f(x₁, x₂, ...) for a function of fixed weights, computed by ggml as one graph: `build(g, *xs)`
+    returns f's outputs (ggml tensors of the graph g, made with its ops from the inputs xs), which y holds
+    side by side. `widths` are the inputs' widths, `n` the outputs' total. Copies (deepcopy) share the
+    weights and build graphs of their own."""
+
+    def __init__(self, widths: list[int], n: int, build):
+        self.widths, self.n, self.build = list(widths), n, build
+        self._decode_graph = None
+        self.handle = next(_handles)  # how the torch op ggml_matmul names this function
+        _functions[self.handle] = self
+
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        """xs: fp32 [m, widths[i]] -> fp32 [m, n], on ggml's kernels with set_threads' threads."""
+        m = xs[0].shape[0] if xs and xs[0].dim() == 2 else None
+        shapes = [(m, k) for k in self.widths]
+        if [(x.dtype, tuple(x.shape)) for x in xs] != [(torch.float32, s) for s in shapes]:
+            want = ", ".join(f"[m, {k}]" for k in self.widths)
+            got = ", ".join(f"{x.dtype} {tuple(x.shape)}" for x in xs)
+            raise LightenError(f"ggml's graph takes fp32 {want}, got {got}")
+        # Decode's graph (m = 1) is kept; a longer batch's buffers grow with m: built per call, then freed.
+        g = self._decode_graph if m == 1 else None
+        if g is None:
+            g = _Graph(self.widths, m, self.build)
+            if sum(g.widths) != self.n:
+                g.free()
+                raise LightenError(f"the graph's outputs are {g.widths} wide, not {self.n} in all")
+            if m == 1:
+                self._decode_graph = g
+        try:
+            return self._compute(g, xs, m)
+        finally:
+            if m != 1:
+                g.free()
+
+    def _compute(self, g: "_Graph", xs: tuple[torch.Tensor, ...], m: int) -> torch.Tensor:
+        lib = _ggml()
+        for tensor, x in zip(g.inputs, xs, strict=True):
+            x = x.contiguous()
+            lib.backend_tensor_set(tensor, x.data_ptr(), 0, x.numel() * 4)
+        if lib.backend_graph_compute(lib.backend, g.graph) != 0:
+            raise LightenError(f"ggml's graph failed (widths {self.widths} -> {self.n}, batch {m})")
+        if len(g.outputs) == 1 or m == 1:  # the outputs' rows are y's: read them straight in
+            y, offset = torch.empty(m, self.n), 0
+            for out, n in zip(g.outputs, g.widths, strict=True):
+                lib.backend_tensor_get(out, y.data_ptr() + offset, 0, m * n * 4)
+                offset += m * n * 4
+            return y
+        parts = [torch.empty(m, n) for n in g.widths]
+        for out, part in zip(g.outputs, parts, strict=True):
+            lib.backend_tensor_get(out, part.data_ptr(), 0, part.numel() * 4)
+        return torch.cat(parts, 1)
+
+    def __deepcopy__(self, memo):
+        return GGMLFunction(self.widths, self.n, self.build)
+
+    def __getstate__(self):
+        raise TypeError("a ggml graph holds ggml's memory and cannot be pickled: make another")
+
+    def __del__(self):
+        if getattr(self, "_decode_graph", None):
+            self._decode_graph.free()
+
+
+class GGMLProduct(GGMLFunction):
+    """y = x [W₁; W₂; ...]ᵀ for matrices of one input width k: their products side by side in one graph."""
 
     def __init__(self, matrices: list[GGMLMatrix]):
         ks = {w.k for w in matrices}
         if len(ks) != 1:
             raise LightenError(f"a product's matrices take one input width, got {sorted(ks)}")
         self.matrices, self.k = list(matrices), ks.pop()
-        self.n = sum(w.n for w in matrices)
-        self._graphs = OrderedDict()
-        self.handle = next(_handles)  # how the torch op ggml_matmul names this product
-        _products[self.handle] = self
+        super().__init__(
+            [self.k], sum(w.n for w in matrices), lambda g, x: [g.matmul(w, x) for w in matrices]
+        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [m, k] (fp32) -> [m, n₁ + n₂ + ...] (fp32), on ggml's kernels with set_threads' threads."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:
-            raise LightenError(f"ggml's matmul takes fp32 [m, {self.k}], got {x.dtype} {tuple(x.shape)}")
-        lib, x, m = _ggml(), x.contiguous(), x.shape[0]
-        g = self._graph(m)
-        lib.backend_tensor_set(g.x, x.data_ptr(), 0, x.numel() * 4)
-        if lib.backend_graph_compute(lib.backend, g.graph) != 0:
-            raise LightenError(f"ggml's matmul failed ({self.n} x {self.k}, batch {m})")
-        if len(g.ys) == 1 or m == 1:  # the outputs' rows are y's: read them straight in
-            y, offset = torch.empty(m, self.n), 0
-            for out, w in zip(g.ys, self.matrices, strict=True):
-                lib.backend_tensor_get(out, y.data_ptr() + offset, 0, m * w.n * 4)
-                offset += m * w.n * 4
-            return y
-        parts = [torch.empty(m, w.n) for w in self.matrices]
-        for out, part in zip(g.ys, parts, strict=True):
-            lib.backend_tensor_get(out, part.data_ptr(), 0, part.numel() * 4)
-        return torch.cat(parts, 1)
-
-    def _graph(self, m: int) -> "_Product":
-        if m in self._graphs:
-            self._graphs.move_to_end(m)
-            return self._graphs[m]
-        self._graphs[m] = _Product(self.matrices, m)
-        if len(self._graphs) > GRAPHS_PER_PRODUCT:
-            self._graphs.popitem(last=False)[1].free()
-        return self._graphs[m]
+        """x [m, k] (fp32) -> [m, n₁ + n₂ + ...] (fp32)."""
+        return self(x)
 
     def __deepcopy__(self, memo):
         return GGMLProduct(self.matrices)
 
-    def __getstate__(self):
-        raise TypeError("a GGMLProduct holds ggml's memory and cannot be pickled: make another")
 
-    def __del__(self):
-        for g in getattr(self, "_graphs", {}).values():
-            g.free()
-
-
-_products = weakref.WeakValueDictionary()  # handle -> GGMLProduct
+_functions = weakref.WeakValueDictionary()  # handle -> GGMLFunction
 _handles = itertools.count()
 
 
@@ -311,27 +347,58 @@ _handles = itertools.count()
 def ggml_matmul(x: torch.Tensor, product: int) -> torch.Tensor:
     """GGMLProduct.matmul as a torch op, the product named by its handle: torch.compile traces through it
     in one graph (a ctypes call would break the graph) and takes its output shape from the fake below."""
-    return _products[product].matmul(x)
+    return _functions[product](x)
 
 
 @ggml_matmul.register_fake
 def _(x: torch.Tensor, product: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], _products[product].n)
+    return x.new_empty(x.shape[0], _functions[product].n)
 
 
-class _Product:
-    """The graph of ys = [x Wᵢᵀ] for batch size m: its context, the buffer of x and the ys, those tensors."""
+class _Graph:
+    """ggml's graph of `build` for batch size m: its context, inputs and outputs, and the ops to build it
+    with (on ggml tensors of shape [width, m] in ggml's order, i.e. torch's [m, width])."""
 
-    def __init__(self, matrices: list[GGMLMatrix], m: int):
-        lib, size = _ggml(), 2 * len(matrices) + 2
-        tensors = (1 + len(matrices)) * lib.tensor_overhead()
-        self.ctx = lib.init(_InitParams(tensors + lib.graph_overhead_custom(size, False), None, True))
-        self.x = lib.new_tensor_2d(self.ctx, 0, matrices[0].k, m)  # 0: GGML_TYPE_F32
-        self.ys = [lib.mul_mat(self.ctx, w.weight, self.x) for w in matrices]
-        self.graph = lib.new_graph_custom(self.ctx, size, False)
-        for y in self.ys:
+    def __init__(self, widths: list[int], m: int, build):
+        lib, self._constants = _ggml(), []
+        self.ctx = lib.init(
+            _InitParams(
+                MAX_NODES * lib.tensor_overhead() + lib.graph_overhead_custom(MAX_NODES, False), None, True
+            )
+        )
+        self.inputs = [lib.new_tensor_2d(self.ctx, F32, k, m) for k in widths]
+        self.outputs = build(self, *self.inputs)
+        self.widths = [lib.nelements(y) // lib.nrows(y) for y in self.outputs]
+        self.graph = lib.new_graph_custom(self.ctx, MAX_NODES, False)
+        for y in self.outputs:
             lib.build_forward_expand(self.graph, y)
         self.buffer = lib.backend_alloc_ctx_tensors_from_buft(self.ctx, lib.plain)
+        for tensor, data in self._constants:
+            lib.backend_tensor_set(tensor, data.data_ptr(), 0, data.numel() * 4)
+
+    def matmul(self, w: GGMLMatrix, x, bias: torch.Tensor | None = None):
+        """x Wᵀ (+ bias)"""
+        y = _ggml().mul_mat(self.ctx, w.weight, x)
+        return y if bias is None else self.add(y, self.constant(bias))
+
+    def rms_norm(self, x, gain: torch.Tensor, eps: float):
+        """x / sqrt(mean(x²) + eps) · gain, per row."""
+        lib = _ggml()
+        return lib.mul(self.ctx, lib.rms_norm(self.ctx, x, eps), self.constant(gain))
+
+    def constant(self, values: torch.Tensor):
+        """A 1-D tensor of the graph holding a copy of `values` (in fp32), broadcast over rows where used."""
+        values = values.detach().to(torch.float32).contiguous()
+        tensor = _ggml().new_tensor_1d(self.ctx, F32, values.numel())
+        self._constants.append((tensor, values))
+        return tensor
+
+    def add(self, a, b):
+        return _ggml().add(self.ctx, a, b)
+
+    def swiglu(self, gate, up):
+        """silu(gate) · up"""
+        return _ggml().swiglu_split(self.ctx, gate, up)
 
     def free(self) -> None:
         if self.ctx:
