@@ -88,8 +88,11 @@ def _stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
 
 @dataclass
 class LeanBlock:
-    qkv: Callable  # residual stream x [T, hidden] -> q, k, v of norm1(x), side by side
-    rest: Callable  # x, the attention heads [T, heads · head_dim] -> x + o(a), then the MLP with its residual
+    # residual stream x [T, hidden], RoPE's matrices transposed [T, hd, hd], the key and value cache rows of
+    # the T positions [T, kv_heads · hd] -> q [T, heads · hd] of norm1(x) with RoPE; k (with RoPE) and v
+    # written into the cache rows
+    attn_in: Callable
+    rest: Callable  # x, the attention heads [T, heads · hd] -> x + o(a), then the MLP with its residual
 
 
 @dataclass
@@ -129,13 +132,13 @@ class Decoder:
         if window and getattr(model.config, "use_sliding_window", True):
             max_len = min(max_len, window)  # within the window, sliding attention is full attention
         self.max_len = max_len
-        self.heads, self.kv_heads, self.head_dim = view.num_heads, view.num_kv_heads, view.head_dim
         self.dtype = base.embed_tokens.weight.dtype
         # An all-GGUF model in fp32 computes each block as two ggml graphs (norm and q/k/v; o, residual, norm,
         # MLP and residual): 2 calls a block in place of 4 matmuls and a dozen torch ops.
         on_ggml = self.dtype == torch.float32
+        self.heads, self.kv_heads, self.head_dim = shape = view.num_heads, view.num_kv_heads, view.head_dim
         self.blocks = [
-            (on_ggml and _ggml_block(b, layer)) or _torch_block(b, layer)
+            (on_ggml and _ggml_block(b, layer, *shape)) or _torch_block(b, layer, *shape)
             for b, layer in zip(view.blocks, base.layers, strict=True)
         ]
         self.head = (on_ggml and _ggml_head(base.norm, model.lm_head)) or _torch_head(
@@ -145,14 +148,14 @@ class Decoder:
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
-        self.rotate_half = _rotate_half_matrix(self.head_dim, self.dtype)
+        self.rotate_half_t = _rotate_half_matrix(self.head_dim, self.dtype).T.contiguous()
         # ggml computes on a thread pool of its own: torch single-threaded beside it (lighten.runtime.ggml).
         on_ggml = any(isinstance(m, GGMLLinear) for m in model.modules())
         self.cores = ggml_owns_cores if on_ggml else contextlib.nullcontext
-        shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
+        # A row per position (kv_heads · head_dim wide): a token's keys and values are one contiguous write.
+        shape = (len(self.blocks), max_len, self.kv_heads * self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
-        # each block's [1, kv_heads, max_len, head_dim]
         self.caches = list(zip(self.k_cache, self.v_cache, strict=True))
 
     @torch.no_grad()
@@ -164,26 +167,36 @@ class Decoder:
             raise ValueError("several tokens at once only from position 0")
         if pos + t > self.max_len:
             raise ModelError(f"the sequence would exceed the decoder's {self.max_len} positions")
-        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         # RoPE of each position as one [head_dim, head_dim] matrix, built once for all blocks: x·cos +
-        # (x R)·sin = x (diag(cos) + R diag(sin)), each output one sum of two products as before.
+        # (x R)·sin = x (diag(cos) + R diag(sin)), each output one sum of two products as before. Transposed,
+        # as ggml takes it: the rows of (diag(cos) + R diag(sin))ᵀ = diag(cos) + diag(sin) Rᵀ.
         cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
-        rope = torch.diag_embed(cos) + self.rotate_half * sin[:, None, :]  # [T, hd, hd]
+        rope_t = torch.diag_embed(cos) + sin[:, :, None] * self.rotate_half_t  # [T, hd, hd]
         end = pos + t
         x = self.embed(tokens)  # [T, hidden]: no batch dim, fewer ops per layer
         for b, (k_cache, v_cache) in zip(self.blocks, self.caches, strict=True):
-            qkv = b.qkv(x).view(t, heads + 2 * kv_heads, hd)
-            qk = qkv[:, : heads + kv_heads]  # RoPE on the q and k heads in one go: 1 op, not 7
-            qk = qk @ rope
-            # [kv_heads, T, hd] into the cache's [1, kv_heads, max_len, hd]
-            k_cache[:, :, pos:end] = qk[:, heads:].transpose(0, 1)
-            v_cache[:, :, pos:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
-            q = qk[:, :heads].transpose(0, 1)[None]
-            a = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=t > 1, enable_gqa=True
-            )
-            x = b.rest(x, a[0].transpose(0, 1).reshape(t, heads * hd))
+            q = b.attn_in(x, rope_t, k_cache[pos:end], v_cache[pos:end])
+            x = b.rest(x, self._attend(q, k_cache[:end], v_cache[:end]))
         return self.head(x[-1:])[0]  # 2-D: packed layers take it as it is
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the T queries q [T, heads · hd] (the last T positions) to the keys and values
+        k, v [end, kv_heads · hd]; heads side by side [T, heads · hd]. A query's heads share a key head in
+        groups (GQA), as in Hugging Face's repeat_kv."""
+        t, end, heads, kv_heads, hd = q.shape[0], k.shape[0], self.heads, self.kv_heads, self.head_dim
+        if t > 1:
+            a = F.scaled_dot_product_attention(
+                *(z.view(z.shape[0], -1, hd).transpose(0, 1) for z in (q, k, v)),
+                is_causal=True,
+                enable_gqa=True,
+            )
+            return a.transpose(0, 1).reshape(t, heads * hd)
+        # One query: 3 small ops in place of SDPA's ~30 µs. Softmax in fp32, as transformers' eager attention.
+        scores = torch.bmm(
+            q.view(kv_heads, heads // kv_heads, hd), k.view(end, kv_heads, hd).permute(1, 2, 0)
+        )
+        p = torch.softmax(scores.float() * hd**-0.5, -1).to(v.dtype)
+        return torch.bmm(p, v.view(end, kv_heads, hd).transpose(0, 1)).view(1, heads * hd)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, stop: int | None = None) -> Generation:
         """Greedy continuation of `prompt_ids`; stops early after the `stop` token."""
@@ -211,19 +224,27 @@ def _rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
     return r
 
 
-def _torch_block(b: Block, layer: nn.Module) -> LeanBlock:
+def _torch_block(b: Block, layer: nn.Module, heads: int, kv_heads: int, hd: int) -> LeanBlock:
     """The block on its own modules, q/k/v and gate/up joined (join_linears), RMSNorm as one fused op."""
     norm1, qkv = _fused_norm(b.attn.norm), join_linears(list(b.attn.linears.values()))
     o, norm2, down = b.attn_out[1], _fused_norm(b.mlp.norm), b.mlp_out[1]
     gate_up = join_linears(list(b.mlp.linears.values()))
     act = F.silu if _is_silu(layer.mlp.act_fn) else layer.mlp.act_fn
 
-    def rest(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def attn_in(x, rope_t, k_rows, v_rows):
+        t, q_width = x.shape[0], heads * hd
+        y = qkv(norm1(x))
+        qk = y[:, : q_width + kv_heads * hd].view(t, heads + kv_heads, hd) @ rope_t.mT  # q and k: 1 op
+        k_rows.view(t, kv_heads, hd).copy_(qk[:, heads:])
+        v_rows.copy_(y[:, q_width + kv_heads * hd :])
+        return qk[:, :heads].reshape(t, q_width)
+
+    def rest(x, a):
         x = x + o(a)
         g, u = gate_up(norm2(x)).chunk(2, -1)
         return x + down(act(g) * u)
 
-    return LeanBlock(lambda x: qkv(norm1(x)), rest)
+    return LeanBlock(attn_in, rest)
 
 
 def _torch_head(norm: nn.Module, lm_head: nn.Module) -> Callable:
@@ -231,7 +252,7 @@ def _torch_head(norm: nn.Module, lm_head: nn.Module) -> Callable:
     return lambda x: lm_head(final_norm(x))
 
 
-def _ggml_block(b: Block, layer: nn.Module) -> LeanBlock | None:
+def _ggml_block(b: Block, layer: nn.Module, heads: int, kv_heads: int, hd: int) -> LeanBlock | None:
     """The block as two ggml graphs, or None if it has a part they do not compute (a layer not on ggml,
     hooks, a norm other than RMSNorm, an activation other than SiLU)."""
     (q, k, v), (gate, up) = b.attn.linears.values(), b.mlp.linears.values()
@@ -241,9 +262,11 @@ def _ggml_block(b: Block, layer: nn.Module) -> LeanBlock | None:
     if not (all(map(_on_ggml, layers)) and norm1 and norm2 and _is_silu(layer.mlp.act_fn)):
         return None
 
-    def attn_in(g, x):
-        h = g.rms_norm(x, *norm1)
-        return [_linear(g, m, h) for m in (q, k, v)]
+    def attn_in(g, x, rope_t):
+        h, rope_t = g.rms_norm(x, *norm1), g.rows_of(rope_t, hd, hd)
+        q_rope = g.matmul(rope_t, g.rows_of(_linear(g, q, h), heads, hd))  # x @ rope per position
+        k_rope = g.matmul(rope_t, g.rows_of(_linear(g, k, h), kv_heads, hd))
+        return [q_rope, k_rope, _linear(g, v, h)]
 
     def rest(g, x, a):
         x = g.add(x, _linear(g, o, a))
@@ -251,10 +274,14 @@ def _ggml_block(b: Block, layer: nn.Module) -> LeanBlock | None:
         return [g.add(x, _linear(g, down, g.swiglu(_linear(g, gate, h), _linear(g, up, h))))]
 
     hidden = q.in_features
-    return LeanBlock(
-        GGMLFunction([hidden], q.out_features + k.out_features + v.out_features, attn_in),
-        GGMLFunction([hidden, o.in_features], hidden, rest),
-    )
+    qkv = GGMLFunction([hidden, hd * hd], q.out_features + k.out_features + v.out_features, attn_in)
+
+    def attn_in_call(x, rope_t, k_rows, v_rows):
+        q_rope = torch.empty(x.shape[0], heads * hd)
+        qkv(x, rope_t.view(-1, hd * hd), out=[q_rope, k_rows, v_rows])
+        return q_rope
+
+    return LeanBlock(attn_in_call, GGMLFunction([hidden, o.in_features], hidden, rest))
 
 
 def _ggml_head(norm: nn.Module, lm_head: nn.Module) -> Callable | None:

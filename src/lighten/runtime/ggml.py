@@ -67,7 +67,7 @@ _SIGNATURES = {  # name: (library, result, argument types)
     "ggml_new_tensor_1d": ("base", _P, [_P, ctypes.c_int, _I64]),
     "ggml_new_tensor_2d": ("base", _P, [_P, ctypes.c_int, _I64, _I64]),
     "ggml_nelements": ("base", _I64, [_P]),
-    "ggml_nrows": ("base", _I64, [_P]),
+    "ggml_reshape_3d": ("base", _P, [_P, _P, _I64, _I64, _I64]),
     "ggml_mul_mat": ("base", _P, [_P, _P, _P]),
     "ggml_rms_norm": ("base", _P, [_P, _P, ctypes.c_float]),
     "ggml_mul": ("base", _P, [_P, _P, _P]),
@@ -267,11 +267,12 @@ class GGMLFunction:
         self.handle = next(_handles)  # how the torch op ggml_matmul names this function
         _functions[self.handle] = self
 
-    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
-        """xs: fp32 [m, widths[i]] -> fp32 [m, n], on ggml's kernels with set_threads' threads."""
+    def __call__(self, *xs: torch.Tensor, out: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """xs: fp32 [m, widths[i]] -> fp32 [m, n], the outputs side by side, on ggml's kernels with
+        set_threads' threads. Given `out`, one contiguous fp32 tensor of m rows per output (a cache's rows,
+        say), the outputs are written there instead and nothing is returned."""
         m = xs[0].shape[0] if xs and xs[0].dim() == 2 else None
-        shapes = [(m, k) for k in self.widths]
-        if [(x.dtype, tuple(x.shape)) for x in xs] != [(torch.float32, s) for s in shapes]:
+        if [(x.dtype, tuple(x.shape)) for x in xs] != [(torch.float32, (m, k)) for k in self.widths]:
             want = ", ".join(f"[m, {k}]" for k in self.widths)
             got = ", ".join(f"{x.dtype} {tuple(x.shape)}" for x in xs)
             raise LightenError(f"ggml's graph takes fp32 {want}, got {got}")
@@ -285,28 +286,33 @@ class GGMLFunction:
             if m == 1:
                 self._decode_graph = g
         try:
-            return self._compute(g, xs, m)
+            return self._compute(g, xs, m, out)
         finally:
             if m != 1:
                 g.free()
 
-    def _compute(self, g: "_Graph", xs: tuple[torch.Tensor, ...], m: int) -> torch.Tensor:
-        lib = _ggml()
+    def _compute(self, g: "_Graph", xs, m: int, out: list[torch.Tensor] | None) -> torch.Tensor | None:
+        lib, y, parts = _ggml(), None, None
+        if out is not None:
+            if [(o.dtype, o.numel(), o.is_contiguous()) for o in out] != [
+                (torch.float32, m * n, True) for n in g.widths
+            ]:
+                raise LightenError(f"ggml's graph writes {len(g.widths)} contiguous fp32 outputs of {m} rows")
+            dests = [(o.data_ptr(), o.numel() * 4) for o in out]
+        elif len(g.outputs) == 1 or m == 1:  # the outputs' rows are y's: read them straight in
+            y = torch.empty(m, self.n)
+            dests = [(y.data_ptr() + 4 * m * a, 4 * m * n) for a, n in zip(g.starts, g.widths, strict=True)]
+        else:
+            parts = [torch.empty(m, n) for n in g.widths]
+            dests = [(p.data_ptr(), p.numel() * 4) for p in parts]
         for tensor, x in zip(g.inputs, xs, strict=True):
             x = x.contiguous()
             lib.backend_tensor_set(tensor, x.data_ptr(), 0, x.numel() * 4)
         if lib.backend_graph_compute(lib.backend, g.graph) != 0:
             raise LightenError(f"ggml's graph failed (widths {self.widths} -> {self.n}, batch {m})")
-        if len(g.outputs) == 1 or m == 1:  # the outputs' rows are y's: read them straight in
-            y, offset = torch.empty(m, self.n), 0
-            for out, n in zip(g.outputs, g.widths, strict=True):
-                lib.backend_tensor_get(out, y.data_ptr() + offset, 0, m * n * 4)
-                offset += m * n * 4
-            return y
-        parts = [torch.empty(m, n) for n in g.widths]
-        for out, part in zip(g.outputs, parts, strict=True):
-            lib.backend_tensor_get(out, part.data_ptr(), 0, part.numel() * 4)
-        return torch.cat(parts, 1)
+        for tensor, (ptr, size) in zip(g.outputs, dests, strict=True):
+            lib.backend_tensor_get(tensor, ptr, 0, size)
+        return torch.cat(parts, 1) if parts else y
 
     def __deepcopy__(self, memo):
         return GGMLFunction(self.widths, self.n, self.build)
@@ -366,9 +372,11 @@ class _Graph:
                 MAX_NODES * lib.tensor_overhead() + lib.graph_overhead_custom(MAX_NODES, False), None, True
             )
         )
+        self.m = m
         self.inputs = [lib.new_tensor_2d(self.ctx, F32, k, m) for k in widths]
         self.outputs = build(self, *self.inputs)
-        self.widths = [lib.nelements(y) // lib.nrows(y) for y in self.outputs]
+        self.widths = [lib.nelements(y) // m for y in self.outputs]  # each output m rows
+        self.starts = list(itertools.accumulate(self.widths, initial=0))[:-1]
         self.graph = lib.new_graph_custom(self.ctx, MAX_NODES, False)
         for y in self.outputs:
             lib.build_forward_expand(self.graph, y)
@@ -376,9 +384,10 @@ class _Graph:
         for tensor, data in self._constants:
             lib.backend_tensor_set(tensor, data.data_ptr(), 0, data.numel() * 4)
 
-    def matmul(self, w: GGMLMatrix, x, bias: torch.Tensor | None = None):
-        """x Wᵀ (+ bias)"""
-        y = _ggml().mul_mat(self.ctx, w.weight, x)
+    def matmul(self, w, x, bias: torch.Tensor | None = None):
+        """x Wᵀ (+ bias), W a GGMLMatrix or a tensor of the graph ([m, n, k] with x [m, r, k]: one product
+        per row of the batch)."""
+        y = _ggml().mul_mat(self.ctx, w.weight if isinstance(w, GGMLMatrix) else w, x)
         return y if bias is None else self.add(y, self.constant(bias))
 
     def rms_norm(self, x, gain: torch.Tensor, eps: float):
@@ -392,6 +401,10 @@ class _Graph:
         tensor = _ggml().new_tensor_1d(self.ctx, F32, values.numel())
         self._constants.append((tensor, values))
         return tensor
+
+    def rows_of(self, x, rows: int, width: int):
+        """x [m, rows · width] seen as [m, rows, width] (ggml's [width, rows, m]): a view."""
+        return _ggml().reshape_3d(self.ctx, x, width, rows, self.m)
 
     def add(self, a, b):
         return _ggml().add(self.ctx, a, b)
