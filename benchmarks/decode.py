@@ -1,5 +1,6 @@
 """Batch-1 greedy decode speed on the same GGUF weights: llama.cpp vs lighten's lean decoder on ggml's
-kernels, beside lighten's torch kernels (int8, int4) and transformers, with each engine's fraction of the
+kernels, beside lighten's own int8 / int4 on torch's kernels and on the kernels dispatch picks here
+(kernels=auto: lighten.runtime.dispatch) and transformers, with each engine's fraction of the
 memory-bandwidth limit (bandwidth measured here ÷ weight bytes read per token).
 
     python benchmarks/decode.py                          # real smollm2-135m, 64 tokens, 3 runs each
@@ -88,12 +89,12 @@ def lean_decoder(model, max_len: int):
     return decode
 
 
-def packed(model, spec: str, head: str = "int8:channel"):
+def packed(model, spec: str, head: str = "int8:channel", kernels: str = "auto"):
     """The model with every linear layer packed to `spec` and lm_head to `head` (embeddings stay as they
-    are): 8 bits for the output matrix, as llama.cpp's Q8_0 / Q4_0 have."""
+    are): 8 bits for the output matrix, as llama.cpp's Q8_0 / Q4_0 have. `kernels` as pack_model's."""
     quantized = quantize_weights(model, make_plan(model, spec))
     quantized["lm_head.weight"] = get(head).quantize(model.lm_head.weight.detach().float())
-    return quantized, pack_model(copy.deepcopy(model), quantized)
+    return quantized, pack_model(copy.deepcopy(model), quantized, kernels=kernels)
 
 
 def untied(model):
@@ -168,8 +169,9 @@ def main():
             engines[f"lighten run {spec} (auto)"] = llama_cpp_decoder(open_exact(exact, 512, args.threads))
             weight_bytes[f"lighten run {spec} (auto)"] = gguf_bytes(exact)
         variants = {} if args.skip_fp32 else {"fp32": model}
-        for spec in ("int8:channel", "int4:g32"):
-            variants[f"{spec} (torch)"] = packed(model, spec)[1]
+        for spec in ("int8:channel", "int4:g32"):  # on torch's kernels, and on the faster here (dispatch)
+            variants[f"{spec} (torch)"] = packed(model, spec, kernels="torch")[1]
+            variants[f"{spec} (kernels=auto)"] = packed(model, spec)[1]
         for name, m in variants.items():
             engines[f"lighten {name}"] = lean_decoder(m, max_len)
             weight_bytes[f"lighten {name}"] = bytes_per_token(m)
@@ -190,11 +192,11 @@ def main():
         f"{args.model}, batch 1, {args.tokens} greedy tokens, {args.threads} threads, {args.runs} runs, {cpu}"
     )
     print(f"memory bandwidth (sum of 1 GB): {bandwidth / 1e9:.1f} GB/s; limit = bandwidth / MB per token\n")
-    print(f"{'engine':<27} {'best tok/s':>10} {'median':>8} {'MB/token':>9} {'limit':>7} {'of limit':>9}")
+    print(f"{'engine':<34} {'best tok/s':>10} {'median':>8} {'MB/token':>9} {'limit':>7} {'of limit':>9}")
     for name, t in times.items():
         best, limit = args.tokens / min(t), bandwidth / weight_bytes[name]
         print(
-            f"{name:<27} {best:>10.1f} {args.tokens / statistics.median(t):>8.1f} "
+            f"{name:<34} {best:>10.1f} {args.tokens / statistics.median(t):>8.1f} "
             f"{weight_bytes[name] / 1e6:>9.1f} {limit:>7.0f} {best / limit:>9.0%}"
         )
     for spec in args.types.split(","):

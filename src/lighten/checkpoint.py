@@ -28,6 +28,7 @@ from lighten.models import BUILTIN, build_model, load_model, model_kind
 from lighten.models.load import open_safetensors
 from lighten.quantize import dequantize_weight, is_transposed
 from lighten.runtime import meta_parameters, pack_layer
+from lighten.runtime.dispatch import choose_kernels
 from lighten.runtime.model import compute_dtype
 from lighten.surgery import restore_input_rotations
 
@@ -44,13 +45,15 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype | None = None, packed: bool = False):
+def load(
+    name_or_path: str | Path, dtype: torch.dtype | None = None, packed: bool = False, kernels: str = "auto"
+):
     """Any model lighten can read: a lighten checkpoint, a built-in name or a Hugging Face directory.
 
     packed=True (checkpoints only) keeps the quantized weights packed, see load_checkpoint.
     Returns (model, tokenizer)."""
     if is_checkpoint(name_or_path):
-        return load_checkpoint(name_or_path, dtype, packed)
+        return load_checkpoint(name_or_path, dtype, packed, kernels)
     if packed:
         raise ModelError(f"{name_or_path} is not a lighten checkpoint, so it has no packed weights to run")
     return load_model(name_or_path, dtype=dtype or torch.float32)
@@ -173,19 +176,24 @@ def quantized_parts(path: Path, manifest: dict, stored: set[str]) -> set[str]:
     return parts
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: bool = False):
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype | None = None, packed: bool = False, kernels: str = "auto"
+):
     """Rebuild a runnable Hugging Face model from a checkpoint.
 
     packed=False dequantizes every weight; dtype (default float32) is that of the whole model.
     packed=True swaps each quantized layer for a packed one (lighten.runtime): its weight stays in the stored
     bytes and is never materialised in full precision; dtype (default: what the packed kernels compute in,
     fp32 for GGUF block types, else bf16: lighten.runtime.model.compute_dtype) is that of the layers left
-    unquantized.
+    unquantized; `kernels` says where lighten's ints that ggml computes exactly go (choose_kernels).
     Returns (model, tokenizer)."""
     path = Path(path)
     manifest = read_manifest(path)
     quantized = manifest["tensors"]
-    dtype = dtype or (compute_dtype([i["spec"] for i in quantized.values()]) if packed else torch.float32)
+    weights = [(i["spec"], tuple(i["shape"])) for i in quantized.values()]
+    on_ggml = choose_kernels(weights, kernels) if packed else {}
+    specs = [on_ggml.get(spec, spec) for spec, _ in weights]
+    dtype = dtype or (compute_dtype(specs) if packed else torch.float32)
     # The shell comes from the copied config with its parameters on the meta device: no memory, no random
     # init. Each parameter is then replaced by a tensor read from the file, one tensor at a time (cast to
     # dtype as it is read; a packed layer built as soon as its codes and scales are in), so that the peak is
@@ -215,7 +223,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, packed: 
             tensors = {key: f.get_tensor(f"{name}.{key}") for key in info["keys"]}
             q = QuantizedTensor.from_tensors(info["spec"], tuple(info["shape"]), tensors)
             if packed:
-                pack_layer(model, name, q, dtype=dtype)
+                pack_layer(model, name, q, dtype=dtype, on_ggml=q.spec in on_ggml)
             else:
                 dequantized[name] = dequantize_weight(model, name, q).to(dtype)
     model.load_state_dict(dequantized, strict=False, assign=True)

@@ -334,12 +334,19 @@ def run(
             "types, on its exact GGUF export) or auto (llama.cpp where it runs the checkpoint exactly)."
         ),
     ] = "auto",
+    kernels: Annotated[
+        str,
+        typer.Option(
+            help="The torch engine's kernels for lighten's int8/int5/int4 that ggml computes exactly "
+            "(symmetric, groups of whole 32-blocks): torch, ggml, or auto (the faster here, measured once)."
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with the kernels that ran).")] = False,
 ):
     """Generate text (causal LMs, greedy) or embed sentences (encoders), with tokens/s."""
     from lighten.pipeline import run_model
 
-    result = run_model(model, prompt, max_new_tokens, engine)
+    result = run_model(model, prompt, max_new_tokens, engine, kernels)
     if as_json:
         return _print_json(result)
     if result["kind"] == "encoder":

@@ -26,6 +26,7 @@ from lighten.plan import budget_plan, plan_from_recipe
 from lighten.recipes import Recipe, recipe_from_options
 from lighten.runtime import PackedLinear, meta_parameters
 from lighten.runtime.decode import Decoder, Generation
+from lighten.runtime.dispatch import KERNELS
 from lighten.surgery import apply_surgery
 
 DEMO_MODELS = ("minilm", "smollm2-135m")
@@ -164,7 +165,11 @@ ENGINES = ("auto", "torch", "llama.cpp")
 
 @torch.inference_mode()
 def run_model(
-    name_or_path: str | Path, prompts: list[str], max_new_tokens: int = 32, engine: str = "auto"
+    name_or_path: str | Path,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    engine: str = "auto",
+    kernels: str = "auto",
 ) -> dict:
     """Generate from each prompt (causal LMs, greedy) or embed the prompts (encoders), timing it.
 
@@ -172,7 +177,8 @@ def run_model(
     fp32 for GGUF types) and anything else as loaded; Llama-family models generate with the lean decoder
     (lighten.runtime.decode), others with transformers' generate. "llama.cpp" runs a checkpoint whose
     weights are all GGUF block types in llama.cpp, on its exact GGUF export (cached: cached_gguf). "auto"
-    takes llama.cpp where it can run the checkpoint exactly, else torch. Decode speed excludes the prompt:
+    takes llama.cpp where it can run the checkpoint exactly, else torch. `kernels` picks the torch engine's
+    kernel for the ints ggml computes exactly (lighten.runtime.dispatch). Decode speed excludes the prompt:
     (new tokens - 1) / (time after the first new token)."""
     if not prompts:
         raise LightenError("give at least one --prompt")
@@ -180,6 +186,8 @@ def run_model(
         raise LightenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if engine not in ENGINES:
         raise LightenError(f"--engine is one of {', '.join(ENGINES)}, got {engine!r}")
+    if kernels not in KERNELS:
+        raise LightenError(f"--kernels is one of {', '.join(KERNELS)}, got {kernels!r}")
     checkpoint = is_checkpoint(name_or_path)
     unfit = llama_cpp_unfit(Path(name_or_path)) if checkpoint else "it is not a lighten checkpoint"
     if engine != "torch" and not unfit:
@@ -196,7 +204,7 @@ def run_model(
         raise LightenError(
             f"--engine llama.cpp cannot run {name_or_path} exactly: {unfit}; use --engine torch"
         )
-    model, tokenizer = load(name_or_path, packed=checkpoint)
+    model, tokenizer = load(name_or_path, packed=checkpoint, kernels=kernels)
     encoder = model_kind(model) == "encoder"
     encoded = _encode_prompts(model.config, tokenizer, prompts, 0 if encoder else max_new_tokens)
     if encoder:

@@ -9,7 +9,7 @@ import torch
 
 from lighten.errors import SpecError
 from lighten.formats import QuantizedTensor, get
-from lighten.formats.ggml import IQ4NL, NO_GRID, TYPES
+from lighten.formats.ggml import IQ4NL, NO_GRID, TYPES, as_gguf, twin_type
 from lighten.formats.spec import GGML, canonical
 
 GGUF_QUANTIZES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "tq1_0", "tq2_0"]  # gguf.quants has an encoder
@@ -178,3 +178,53 @@ def test_real_smollm2_rows(smollm2, name):
         assert rel_error(w, q.dequantize()) < rel_error(w, plain_rtn(name, w))
     if name in WEIGHTED:
         assert rel_error(w, fmt.fake_quantize(w, imp), imp) < 0.9 * rel_error(w, q.dequantize(), imp)
+
+
+@pytest.mark.parametrize(
+    "spec,k,twin",
+    [
+        ("int8", 96, "q8_0"),  # per channel: the row's scale in each of its 3 blocks
+        ("int8:g64", 96, "q8_0"),  # the last group 32 long: still whole blocks
+        ("int5:g32", 64, "q5_0"),
+        ("int4:g32", 64, "q4_0"),
+        ("int4:g128", 256, "q4_0"),
+        ("int4:channel", 160, "q4_0"),
+    ],
+)
+def test_twins_hold_the_same_numbers(spec, k, twin):
+    """lighten's decoder and gguf's, each on its own bytes, give the same fp32 values: both are c * d with
+    the same code and fp16 scale."""
+    q = get(spec).quantize(weights(rows=8, k=k))
+    assert twin_type(q.spec, q.shape) == twin
+    gguf_q = as_gguf(q)
+    assert gguf_q.spec == twin and gguf_q.tensors["blocks"].shape == (8, k // 32 * TYPES[twin][2])
+    assert torch.equal(gguf_q.dequantize(), q.dequantize())
+
+
+def test_twin_bytes_by_hand():
+    """int4:g32 codes -7..7 with scale 0.5 (fp16 0x3800): q4_0 stores d, then byte j = (c_j + 8) | (c_{j+16}
+    + 8) << 4."""
+    codes = torch.tensor([-7, 7] + [0] * 14 + [1, -1] + [0] * 14, dtype=torch.float32)
+    q = get("int4:g32").quantize((codes * 0.5)[None])
+    blocks = as_gguf(q).tensors["blocks"][0].tolist()
+    assert blocks[:2] == [0x00, 0x38]  # fp16 0.5, little-endian
+    assert blocks[2:4] == [(-7 + 8) | (1 + 8) << 4, (7 + 8) | (-1 + 8) << 4]
+    assert blocks[4:] == [8 | 8 << 4] * 14
+
+
+@pytest.mark.parametrize(
+    "spec,k",
+    [
+        ("int4:g32:asym", 64),
+        ("int4:g16", 64),
+        ("int4:g64", 80),
+        ("int8:tensor", 64),
+        ("nf4", 64),
+        ("q4_0", 64),
+    ],
+)
+def test_no_twin_where_the_numbers_differ(spec, k):
+    q = get(spec).quantize(weights(rows=4, k=k))
+    assert twin_type(q.spec, q.shape) is None
+    with pytest.raises(SpecError, match="no GGUF type"):
+        as_gguf(q)

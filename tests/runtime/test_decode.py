@@ -24,7 +24,8 @@ def model_for(arch: str, spec: str | None):
     model = tiny_model(arch, **WIDE)
     if spec is None:
         return model  # fp32, unquantized
-    return pack_model(model, quantize_weights(model, make_plan(model, spec)))
+    # torch's kernels for lighten's ints (the bf16 path), whichever ggml's speed here (test_dispatch)
+    return pack_model(model, quantize_weights(model, make_plan(model, spec)), kernels="torch")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -75,7 +76,8 @@ def test_layers_that_cannot_join_run_one_by_one():
     assert isinstance(nf4.q_proj, DequantLinear)
     assert isinstance(join_linears([nf4.q_proj, nf4.k_proj, nf4.v_proj]), Concat)
     narrow = tiny_model("llama")  # k/v have 32 rows: half a block of the int4 layout
-    narrow = pack_model(narrow, quantize_weights(narrow, make_plan(narrow, "int4:g32"))).model.layers[0]
+    plan = make_plan(narrow, "int4:g32")
+    narrow = pack_model(narrow, quantize_weights(narrow, plan), kernels="torch").model.layers[0]
     assert isinstance(join_linears([narrow.self_attn.k_proj, narrow.self_attn.v_proj]), Concat)
     hooked = model_for("llama", "int8").model.layers[0].self_attn
     hooked.q_proj.register_forward_pre_hook(lambda module, args: (args[0] * 2,))

@@ -63,8 +63,19 @@ def test_both_engines_give_the_same_tokens_and_logits(checkpoints):
 
 def test_auto_takes_llama_cpp_only_where_it_is_exact(checkpoints):
     assert run_model(checkpoints["q4_0"], [PROMPT], 2)["engine"] == "llama.cpp"
-    int8 = run_model(checkpoints["int8"], [PROMPT], 2)
+    int8 = run_model(checkpoints["int8"], [PROMPT], 2, kernels="torch")
     assert int8["engine"] == "torch" and any("_weight_int8pack_mm" in k for k in int8["kernels"])
+    result = lighten(
+        "run", checkpoints["int8"], "-p", PROMPT, "--max-new-tokens", 2, "--kernels", "ggml", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    ran = json.loads(result.stdout)
+    assert ran["engine"] == "torch" and all(
+        k.startswith("int8:channel:sym as q8_0: ggml") for k in ran["kernels"] if "float32" not in k
+    )
+    assert_refused(
+        lighten("run", checkpoints["int8"], "-p", PROMPT, "--kernels", "fast"), "--kernels is one of"
+    )
     result = lighten("run", checkpoints["int8"], "-p", PROMPT, "--engine", "llama.cpp")
     assert_refused(result, "cannot run", "not all GGUF block types", "int8:channel:sym")
     assert_refused(

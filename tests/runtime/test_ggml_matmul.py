@@ -7,10 +7,12 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lighten import formats
 from lighten.errors import LightenError
 from lighten.runtime.ggml import (
+    GGMLFunction,
     GGMLMatrix,
     GGMLProduct,
     _ggml,
@@ -166,3 +168,36 @@ def test_mistakes_are_refused():
         product.matmul(torch.randn(2, 64, dtype=torch.bfloat16))
     with pytest.raises(LightenError, match=r"fp32 \[m, 64\]"):
         product.matmul(torch.randn(2, 32))
+
+
+@pytest.mark.parametrize("m", [1, 3])  # decode's kept graph, and one built for the call
+def test_graph_ops_match_torch(m):
+    """GGMLFunction's other ops in fp32 (no 8-bit activations where no GGUF weight is involved): RMSNorm with
+    a gain, SwiGLU, the residual add, and the batched product of graph tensors (RoPE's per-position
+    matrices), against torch's own ops."""
+    g = torch.Generator().manual_seed(0)
+    x, y, gain = (torch.randn(m, 64, generator=g) for _ in range(3))
+    ops = GGMLFunction(
+        [64, 64], 192, lambda g, x, y: [g.rms_norm(x, gain[0], 1e-6), g.swiglu(x, y), g.add(x, y)]
+    )
+    want = torch.cat([F.rms_norm(x, (64,), gain[0], 1e-6), F.silu(x) * y, x + y], 1)
+    torch.testing.assert_close(ops(x, y), want, rtol=1e-5, atol=1e-6)
+    rows, rope = torch.randn(m, 2, 8, generator=g), torch.randn(m, 8, 8, generator=g)
+    batched = GGMLFunction([16, 64], 16, lambda g, x, r: [g.matmul(g.rows_of(r, 8, 8), g.rows_of(x, 2, 8))])
+    got = batched(rows.view(m, 16), rope.view(m, 64)).view(m, 2, 8)
+    torch.testing.assert_close(got, rows @ rope.mT, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_go_where_they_are_asked_to():
+    x = torch.randn(1, 64)
+    w = GGMLMatrix(formats.get("q8_0").quantize(torch.randn(32, 64)).tensors["blocks"], "q8_0", (32, 64))
+    f = GGMLFunction([64], 96, lambda g, x: [g.matmul(w, x), g.add(x, x)])
+    cache = torch.zeros(4, 64)
+    first = torch.empty(1, 32)
+    assert f(x, out=[first, cache[2:3]]) is None
+    torch.testing.assert_close(torch.cat([first, cache[2:3]], 1), f(x))
+    assert cache[[0, 1, 3]].eq(0).all() and torch.equal(cache[2], 2 * x[0])
+    with pytest.raises(LightenError, match="2 contiguous fp32 outputs of 1 rows"):
+        f(x, out=[first, cache[:, :8]])  # a strided view would be written as if it were contiguous
+    with pytest.raises(LightenError, match=r"takes fp32 \[m, 64\]"):
+        f(x, x)

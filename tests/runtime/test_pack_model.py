@@ -45,7 +45,8 @@ def test_pack_model_matches_dequantized_model(spec, w8a8, outlier_threshold):
     model = tiny_model("llama")
     quantized = quantize_weights(model, make_plan(model, spec))
     reference = dequantized(tiny_model("llama"), quantized)
-    packed = pack_model(model, quantized, w8a8=w8a8, outlier_threshold=outlier_threshold)
+    # torch's kernels whatever ggml's speed here (the ints ggml could take: test_dispatch)
+    packed = pack_model(model, quantized, w8a8=w8a8, outlier_threshold=outlier_threshold, kernels="torch")
     with torch.no_grad():
         got, want = packed(IDS).logits, reference(IDS).logits
     # W8A8 adds per-token activation rounding (up to 1/254 of each token's absmax per element) at every layer.
@@ -65,7 +66,7 @@ def test_planned_embeddings_are_dequantized_and_stay_tied():
     model = tiny_model("llama")
     quantized = quantize_weights(model, make_plan(model, "int4:g32", embeddings=True))
     reference = dequantized(tiny_model("llama"), quantized)
-    packed = pack_model(model, quantized)
+    packed = pack_model(model, quantized, kernels="torch")  # bf16 throughout
     embedding = packed.model.embed_tokens.weight
     assert packed.lm_head.weight is embedding
     assert torch.equal(embedding, quantized["model.embed_tokens.weight"].dequantize(torch.bfloat16))

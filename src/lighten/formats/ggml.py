@@ -249,6 +249,49 @@ class GGMLFormat:
 # ---- ggml's searches, over the last axis and vectorized over all others ---------------------------------
 
 
+# lighten's symmetric ints (code c times an fp16 scale) and the GGUF type storing the same numbers in blocks
+# of 32: q8_0 holds c as int8, q5_0 / q4_0 as c + 16 / c + 8, each block with its fp16 scale d.
+TWINS = {"int8": "q8_0", "int5": "q5_0", "int4": "q4_0"}
+
+
+def twin_type(spec: str, shape) -> str | None:
+    """The GGUF type that stores exactly the numbers of a tensor of `spec` and `shape` (as_gguf), or None."""
+    from lighten.formats import get
+
+    fmt = get(spec)
+    if fmt.family not in TWINS:
+        return None
+    k = shape[-1]
+    group = {"channel": k}.get(fmt.granularity) or fmt.granularity[:1] == "g" and int(fmt.granularity[1:])
+    whole_blocks = bool(group) and k % 32 == 0 and group % 32 == 0  # every group whole blocks, the last too
+    exact = not (fmt.asym or fmt.dq) and whole_blocks
+    return TWINS[fmt.family] if exact else None
+
+
+def as_gguf(q: QuantizedTensor) -> QuantizedTensor:
+    """q (symmetric int8 / int5 / int4 whose groups are whole blocks of 32: twin_type) as the GGUF blocks of
+    its twin type, holding the same numbers: the same codes, each group's fp16 scale in each of its blocks."""
+    from lighten.formats import get
+
+    kind = twin_type(q.spec, q.shape)
+    if kind is None:
+        raise SpecError(f"{q.spec} of shape {tuple(q.shape)} has no GGUF type with the same numbers")
+    fmt = get(q.spec)
+    bits = fmt.element.bits
+    rows, k, g, groups = fmt.geometry(tuple(q.shape))
+    scale, _ = fmt.scale_zero(q)  # fp32 of the stored fp16: exact both ways
+    blocks_per_group = (k - g * torch.arange(groups)).clamp(max=g) // 32  # the last group may be shorter
+    d = scale.repeat_interleave(blocks_per_group, 1).numpy()[..., None]  # (rows, blocks, 1)
+    codes = fmt.codes(q).numpy().astype(np.int16)
+    codes = (codes - ((codes >> (bits - 1)) << bits)).reshape(rows, k // 32, 1, 32)  # two's complement
+    if kind == "q8_0":
+        blocks = _rows([_f16(d), codes.astype(np.int8)])
+    else:
+        nmax = 2**bits - 1
+        blocks = _legacy_blocks([_f16(d)], codes + (nmax + 1) // 2, nmax)
+    return QuantizedTensor(kind, tuple(q.shape), {"blocks": torch.from_numpy(blocks)})
+
+
 def make_qx_quants(x, nmax: int, w):
     """make_qx_quants, rmse_type 1: symmetric scale d and codes L in [0, 2 nmax) with x ~ d (L - nmax); 19
     scales around -nmax / (signed absmax) are tried, keeping the least w-weighted squared error."""
@@ -392,13 +435,15 @@ def _q_legacy(nmax: int, asym: bool):
             head, step, offset = [_f16(d)], _f16(d), np.zeros_like(d)
             levels = np.arange(-half, half)
 
-        def pack(q):
-            fifth = [np.packbits(q >> 4, -1, bitorder="little")] if nmax == 31 else []  # weight j at bit j
-            return _rows(head + fifth + [_nibbles(q, 16)])
-
-        return _grid(step, offset, levels, q, pack)
+        return _grid(step, offset, levels, q, lambda q: _legacy_blocks(head, q, nmax))
 
     return search
+
+
+def _legacy_blocks(head: list, q, nmax: int):
+    """q4_x / q5_x blocks: the fp16 head (d, or d and m), q5's fifth bits (weight j at bit j), the nibbles."""
+    fifth = [np.packbits(q >> 4, -1, bitorder="little")] if nmax == 31 else []
+    return _rows(head + fifth + [_nibbles(q, 16)])
 
 
 def _q8_0(x, importance):

@@ -2,17 +2,20 @@
 
 At batch 1 a small model's token costs a few dozen small ops per layer, and the Hugging Face forward wraps
 each layer in masks, cache objects and keyword plumbing that cost more than the weights' bytes (in a model
-as small as SmolLM2-135M most of a token's time goes outside the matmuls). This loop calls the model's own
-modules — packed or not — with nothing around them, and Hugging Face's RMSNorm (seven small ops) as torch's
-one fused op:
+as small as SmolLM2-135M most of a token's time goes outside the matmuls). This loop runs each block with
+nothing around it:
 
     x = embed(token)
-    per block:  h = norm1(x);  q, k, v = qkv(h);  RoPE;  write k, v to a preallocated cache;  SDPA
-                x = x + o(attn);  h = norm2(x);  g, u = gate_up(h);  x = x + down(act(g) * u)
-    logits = lm_head(final_norm(x))
+    per block:  q = attn_in(x): norm1, q/k/v, RoPE; k and v written into the cache rows of the position
+                a = attention of q to the cache (one query: bmm, softmax, bmm)
+                x = rest(x, a): x + o(a), then norm2, gate/up, act(g) * u, down and its residual add
+    logits = head(x): final norm, lm_head
 
-q/k/v and gate/up each become one kernel call (join_linears); RoPE rotates the q and k heads in one pass, with
-tables the model's own rotary module computes once.
+On an fp32 model whose layers are all on ggml (GGUF types, or lighten's ints dispatched there) attn_in and
+rest are each one ggml graph (GGMLFunction): 2 calls a block, torch only for the attention. Otherwise they
+call the model's own modules, q/k/v and gate/up joined into one kernel call each (join_linears), Hugging
+Face's RMSNorm as torch's one fused op. RoPE is one matrix product per position either way, with the tables
+the model's own rotary module computes once.
 """
 
 import contextlib
@@ -133,17 +136,15 @@ class Decoder:
             max_len = min(max_len, window)  # within the window, sliding attention is full attention
         self.max_len = max_len
         self.dtype = base.embed_tokens.weight.dtype
-        # An all-GGUF model in fp32 computes each block as two ggml graphs (norm and q/k/v; o, residual, norm,
-        # MLP and residual): 2 calls a block in place of 4 matmuls and a dozen torch ops.
-        on_ggml = self.dtype == torch.float32
+        # A block all on ggml in an fp32 model is two ggml graphs: 2 calls in place of 4 matmuls and a dozen
+        # torch ops.
+        fp32 = self.dtype == torch.float32
         self.heads, self.kv_heads, self.head_dim = shape = view.num_heads, view.num_kv_heads, view.head_dim
         self.blocks = [
-            (on_ggml and _ggml_block(b, layer, *shape)) or _torch_block(b, layer, *shape)
+            (fp32 and _ggml_block(b, layer, *shape)) or _torch_block(b, layer, *shape)
             for b, layer in zip(view.blocks, base.layers, strict=True)
         ]
-        self.head = (on_ggml and _ggml_head(base.norm, model.lm_head)) or _torch_head(
-            base.norm, model.lm_head
-        )
+        self.head = (fp32 and _ggml_head(base.norm, model.lm_head)) or _torch_head(base.norm, model.lm_head)
         self.embed = base.embed_tokens
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
@@ -263,9 +264,9 @@ def _ggml_block(b: Block, layer: nn.Module, heads: int, kv_heads: int, hd: int) 
         return None
 
     def attn_in(g, x, rope_t):
-        h, rope_t = g.rms_norm(x, *norm1), g.rows_of(rope_t, hd, hd)
-        q_rope = g.matmul(rope_t, g.rows_of(_linear(g, q, h), heads, hd))  # x @ rope per position
-        k_rope = g.matmul(rope_t, g.rows_of(_linear(g, k, h), kv_heads, hd))
+        h, rope = g.rms_norm(x, *norm1), g.rows_of(rope_t, hd, hd)  # rope: [T, hd, hd] per position
+        q_rope = g.matmul(rope, g.rows_of(_linear(g, q, h), heads, hd))  # each head @ ropeᵀᵀ = @ rope
+        k_rope = g.matmul(rope, g.rows_of(_linear(g, k, h), kv_heads, hd))
         return [q_rope, k_rope, _linear(g, v, h)]
 
     def rest(g, x, a):

@@ -32,7 +32,7 @@ from lighten import formats
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor, packing
 from lighten.formats.elements import TERNARY
-from lighten.formats.ggml import GGMLFormat
+from lighten.formats.ggml import GGMLFormat, as_gguf
 from lighten.runtime.ggml import GGMLMatrix, GGMLProduct
 
 INT4_GROUPS = ("g32", "g64", "g128", "g256")  # the group sizes torch's int4 CPU kernel takes
@@ -259,8 +259,11 @@ class GGMLLinear(PackedLinear):
         self.product = GGMLProduct(matrices)
 
     @classmethod
-    def pack(cls, q: QuantizedTensor, bias: torch.Tensor | None = None) -> "GGMLLinear":
-        return cls(q.spec, q.shape[1], [GGMLMatrix(q.tensors["blocks"], q.spec, q.shape)], bias)
+    def pack(
+        cls, q: QuantizedTensor, bias: torch.Tensor | None = None, spec: str | None = None
+    ) -> "GGMLLinear":
+        """The layer of GGUF blocks q; `spec` names what they stand in for (lighten's int8 as q8_0, say)."""
+        return cls(spec or q.spec, q.shape[1], [GGMLMatrix(q.tensors["blocks"], q.spec, q.shape)], bias)
 
     @classmethod
     def can_stack(cls, layers: list["PackedLinear"]) -> bool:
@@ -281,11 +284,14 @@ class GGMLLinear(PackedLinear):
         return sum(w.nbytes for w in self.product.matrices)
 
     def kernel(self) -> str:
-        """Each type on ggml and its layout, e.g. "q4_0: ggml (repacked) + q6_k: ggml (in place)"."""
+        """Each type on ggml and its layout, e.g. "q4_0: ggml (repacked) + q6_k: ggml (in place)", after what
+        they stand in for where that is another format ("int8:channel:sym as q8_0: ggml (repacked)")."""
         layouts = (
             f"{w.spec}: ggml ({'repacked' if w.repacked else 'in place'})" for w in self.product.matrices
         )
-        return " + ".join(dict.fromkeys(layouts))
+        kernel = " + ".join(dict.fromkeys(layouts))
+        types = "+".join(dict.fromkeys(w.spec for w in self.product.matrices))
+        return kernel if self.spec == types else f"{self.spec} as {kernel}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A 2-D fp32 input (the fp32 decoder's) goes in as it is: each reshape, view or cast costs µs here.
@@ -305,9 +311,12 @@ def packed_linear(
     bias: torch.Tensor | None = None,
     mode: str = "weight-only",
     outlier_threshold: float | None = None,
+    on_ggml: bool = False,
 ) -> PackedLinear:
     """The packed layer for a quantized [out, in] weight: the fastest kernel its spec allows (table above).
-    `outlier_threshold` (w8a8 only, e.g. 6.0) turns on LLM.int8()'s fp32 outlier columns."""
+    `outlier_threshold` (w8a8 only, e.g. 6.0) turns on LLM.int8()'s fp32 outlier columns. `on_ggml` computes
+    lighten's int8 / int5 / int4 on ggml as the GGUF type with the same numbers (lighten.runtime.dispatch
+    decides when)."""
     if len(q.shape) != 2:
         raise LightenError(f"a packed linear layer needs a 2-D [out, in] weight, got shape {q.shape}")
     fmt = formats.get(q.spec)
@@ -320,6 +329,8 @@ def packed_linear(
         raise LightenError(f"mode is 'weight-only' or 'w8a8', got {mode!r}")
     if outlier_threshold is not None:
         raise LightenError("an outlier threshold (LLM.int8()) splits int8 activations: it needs mode 'w8a8'")
+    if on_ggml:
+        return GGMLLinear.pack(as_gguf(q), bias, spec=q.spec)
     if int8:
         return Int8Linear.pack(q, bias)
     if fmt.family == "int4" and fmt.granularity in INT4_GROUPS and q.shape[0] % 16 == 0:  # N in tiles of 16

@@ -10,6 +10,7 @@ from lighten import formats
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
 from lighten.formats.ggml import GGMLFormat
+from lighten.runtime.dispatch import choose_kernels
 from lighten.runtime.linear import packed_linear
 
 
@@ -18,6 +19,7 @@ def pack_model(
     quantized: dict[str, QuantizedTensor],
     w8a8: bool = False,
     outlier_threshold: float | None = None,
+    kernels: str = "auto",
 ) -> nn.Module:
     """Replace each planned Linear / Conv1D (its weight name minus ".weight") by its packed layer and cast
     the rest of the model to the kernels' dtype (compute_dtype): torch's packed kernels compute in bf16, so
@@ -28,16 +30,19 @@ def pack_model(
 
     `quantized` is what quantize_weights returns: every matrix is [out, in], GPT-2's Conv1D included (it
     stores W as [in, out] but computes x W, the same product as a Linear with weight W^T). With w8a8, an
-    `outlier_threshold` (e.g. 6.0) keeps LLM.int8()'s outlier columns out of the int8 product."""
-    dtype = compute_dtype([q.spec for q in quantized.values()])
+    `outlier_threshold` (e.g. 6.0) keeps LLM.int8()'s outlier columns out of the int8 product. `kernels`
+    ("auto", "torch", "ggml") says where lighten's ints that ggml computes exactly go: choose_kernels."""
+    on_ggml = {} if w8a8 else choose_kernels([(q.spec, q.shape) for q in quantized.values()], kernels)
+    dtype = compute_dtype([on_ggml.get(q.spec, q.spec) for q in quantized.values()])
     for name, q in quantized.items():
-        pack_layer(model, name, q, w8a8, outlier_threshold, dtype)
+        pack_layer(model, name, q, w8a8, outlier_threshold, dtype, q.spec in on_ggml)
     return model.to(dtype)
 
 
 def compute_dtype(specs: list[str]) -> torch.dtype:
-    """The dtype a model packed with these formats computes in: fp32 if every one is a GGUF block type
-    (ggml's kernels take fp32), else bf16 (torch's take bf16)."""
+    """The dtype a model packed with these formats (the GGUF type where one computes on ggml in another's
+    place: choose_kernels) computes in: fp32 if every one is a GGUF block type (ggml's kernels take fp32),
+    else bf16 (torch's take bf16)."""
     return (
         torch.float32
         if specs and all(isinstance(formats.get(s), GGMLFormat) for s in specs)
@@ -52,6 +57,7 @@ def pack_layer(
     w8a8: bool = False,
     outlier_threshold: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    on_ggml: bool = False,
 ) -> None:
     """pack_model for one weight, leaving the dtype of the rest alone (a planned embedding is dequantized to
     `dtype`): a loader packs each layer as it reads its tensors, so that only one layer's tensors are ever
@@ -61,7 +67,8 @@ def pack_layer(
     if isinstance(module, (nn.Linear, Conv1D)):
         parent, _, child = module_name.rpartition(".")
         mode = "w8a8" if w8a8 else "weight-only"
-        setattr(model.get_submodule(parent), child, packed_linear(q, module.bias, mode, outlier_threshold))
+        layer = packed_linear(q, module.bias, mode, outlier_threshold, on_ggml)
+        setattr(model.get_submodule(parent), child, layer)
     elif isinstance(module, nn.Embedding):
         old, new = module.weight, nn.Parameter(q.dequantize(dtype), requires_grad=False)
         for owner in model.modules():  # a tied lm_head shares the Parameter: keep it tied
