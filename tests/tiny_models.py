@@ -8,6 +8,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
     BertModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -88,6 +92,9 @@ ARCHS = {  # arch -> (model class, config class, config)
     ),
     "llama": (LlamaForCausalLM, LlamaConfig, DECODER | dict(tie_word_embeddings=True)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, DECODER | dict(tie_word_embeddings=False)),
+    # Norms on each sub-layer's output too, RMSNorm scaled by (1 + w), embeddings by sqrt(hidden)
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, DECODER | dict(head_dim=16)),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, DECODER | dict(head_dim=16)),
 }
 
 

@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 from surgery_helpers import assert_same, input_stats, output, randomize_norms, token_ids
 from tiny_models import tiny_model
 
@@ -62,3 +63,46 @@ def test_missing_prerequisite_is_a_model_error():
         apply_surgery(randomize_norms(tiny_model("llama")), ["rotate"])
     with pytest.raises(ModelError, match="layernorm_to_rmsnorm first"):
         apply_surgery(tiny_model("gpt2"), ["fold", "rotate"])
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_a_rewrite_that_is_not_exact_is_refused_and_undone(arch):
+    """Gemma normalizes each sub-layer's output before the residual add (post_attention_layernorm) and scales
+    its RMSNorms by (1 + w): folding as in Llama computes another model. The self-check sees it, names the
+    step and the model type, and gives the model back as it was."""
+    model = tiny_model(arch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # Gemma's gains are 1 + w, w = 0 at init: a fold of w = 0 would change nothing
+                p.copy_(0.3 * torch.randn_like(p))
+    ids = token_ids(model.config.vocab_size)
+    ref = output(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = model.model.layers
+    with pytest.raises(LightenError, match=f"surgery step 'fold' is not exact on this {arch}"):
+        apply_surgery(model, ["fold", "rotate"])
+    assert model.model.layers is layers and set(model.state_dict()) == set(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(output(model, ids), ref)
+
+
+def test_the_check_catches_any_step_and_restores_hooks(monkeypatch):
+    """A step that leaves the model changed (here a rotate with a bug: one weight scaled after it) is caught
+    after that step; the modules and hooks the steps before it changed or added are as they were again."""
+    from lighten.surgery import apply as apply_module
+
+    def buggy_rotate(model, **options):
+        real_rotate(model, **options)
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+
+    real_rotate = apply_module.rotate_residual_hadamard
+    monkeypatch.setattr(apply_module, "rotate_residual_hadamard", buggy_rotate)
+    model = randomize_norms(tiny_model("llama"))
+    ids = token_ids(model.config.vocab_size)
+    ref = output(model, ids)
+    with pytest.raises(LightenError, match="surgery step 'rotate' is not exact on this llama model"):
+        apply_surgery(model, ["fold", "rotate"])
+    assert torch.equal(output(model, ids), ref)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # fold's untying undone
+    assert not any(m._forward_pre_hooks for m in model.modules())  # no online Hadamard left behind
