@@ -24,7 +24,7 @@ from lighten import __version__
 from lighten.algorithms.activations import OUTLIER_THRESHOLD, InputStats, collect_input_stats
 from lighten.atomic import atomic_file
 from lighten.eval import wiki_texts
-from lighten.models.arch import model_view, weight_out_in
+from lighten.models.arch import model_view, norm_gain, weight_out_in
 from lighten.progress import track
 
 # Symmetric absmax round-to-nearest, as (bits, group size along a row; None: the whole row), named by the
@@ -96,7 +96,7 @@ def _site(
         site["input"]["rtn_error"] = {f: _rtn_error(x.sample, *bg) for f, bg in ACTIVATION_FORMATS.items()}
     if norm is not None:
         site["residual"] = _activation(stats[name], top)
-        site["norm"] = _gains(norm.weight.detach().float().abs(), x.absmax, top)
+        site["norm"] = _gains(norm_gain(norm).abs(), x.absmax, top)
     return site
 
 

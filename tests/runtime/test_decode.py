@@ -101,6 +101,8 @@ def test_online_rotation_keeps_its_layer_separate_and_output_exact():
 def test_decoder_refuses_other_families_and_long_sequences():
     with pytest.raises(ModelError, match="Llama-family"):
         Decoder(tiny_model("gpt2"))
+    with pytest.raises(ModelError, match="not gemma"):  # norms on sub-layer outputs: `run` uses generate
+        Decoder(tiny_model("gemma2"))
     decoder = Decoder(tiny_model("llama"), max_len=8)
     with pytest.raises(ModelError, match="8 positions"):
         decoder.generate(PROMPT, 4)

@@ -65,22 +65,53 @@ def test_missing_prerequisite_is_a_model_error():
         apply_surgery(tiny_model("gpt2"), ["fold", "rotate"])
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
-def test_a_rewrite_that_is_not_exact_is_refused_and_undone(arch):
-    """Gemma normalizes each sub-layer's output before the residual add (post_attention_layernorm) and scales
-    its RMSNorms by (1 + w): folding as in Llama computes another model. The self-check sees it, names the
-    step and the model type, and gives the model back as it was."""
+def gemma(arch: str):
+    """Tiny Gemma with random gains: at init its w = 0 (gain 1 + w = 1), where any fold changes nothing."""
     model = tiny_model(arch)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:  # Gemma's gains are 1 + w, w = 0 at init: a fold of w = 0 would change nothing
+            if "norm" in name:
                 p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_folds_and_smooths_exactly_and_refuses_rotation(arch):
+    """Gemma normalizes each sub-layer's output before the residual add (post_attention_layernorm is that
+    norm, not the MLP's pre-norm as in Llama) and scales its RMSNorms by (1 + w). Its pre-norms fold and
+    smooth exactly; rotation is refused with the reason, the model unchanged."""
+    model = gemma(arch)
+    ids = token_ids(model.config.vocab_size)
+    ref = output(model, ids)
+
+    def stats(m):
+        s = input_stats(m, ids)
+        return {n: SimpleNamespace(absmax=s["absmax"][n], min=s["min"][n], max=s["max"][n]) for n in s["max"]}
+
+    apply_surgery(model, ["fold", "smooth"], stats=stats)
+    assert_same(model, ids, ref, f"fold+smooth {arch}")
+    layer = model.model.layers[0]
+    assert layer.post_attention_layernorm.weight.abs().sum() > 0  # an output norm: not folded, kept
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelError, match="normalizes each sub-layer's output"):
+        apply_surgery(model, ["rotate"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_rewrite_that_is_not_exact_is_refused_and_the_model_untouched(monkeypatch):
+    """The self-check after each step: a fold that forgets Gemma's (1 + w) (what lighten did before it read
+    gains through norm_gain: 1.1-1.3 of the largest logit off, silently) is refused, naming the step and
+    the model type, and the model, and every reference into it, stays as it was."""
+    from lighten.surgery import fold as fold_module
+
+    monkeypatch.setattr(fold_module, "norm_gain", lambda norm: norm.weight.detach().float())
+    model = gemma("gemma2")
     ids = token_ids(model.config.vocab_size)
     ref = output(model, ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layers = model.model.layers
-    with pytest.raises(LightenError, match=f"surgery step 'fold' is not exact on this {arch}"):
-        apply_surgery(model, ["fold", "rotate"])
+    with pytest.raises(LightenError, match="surgery step 'fold' is not exact on this gemma2 model"):
+        apply_surgery(model, ["fold"])
     assert model.model.layers is layers and set(model.state_dict()) == set(before)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(output(model, ids), ref)

@@ -8,7 +8,12 @@ its Hugging Face class calls them:
 
 In a pre-norm model (GPT-2, Llama) each norm reads the residual stream and only the linears after it see
 its output, so the norm's affine can move into them. In a post-norm model (BERT) the norm sits *on* the
-residual stream after each add: its output is both the next block's input and the residual itself.
+residual stream after each add: its output is both the next block's input and the residual itself. Gemma 2
+and 3 are pre-norm with a second norm on each sub-layer's output, before its residual add ("sandwich"):
+
+    residual stream ──► norm ──► q, k, v ──► attention ──► o ──► out norm ──► (+ residual)
+
+and their RMSNorm scales by (1 + w), not w: norm_gain reads a norm's gain whatever its parametrization.
 """
 
 from dataclasses import dataclass
@@ -35,11 +40,12 @@ class Block:
     attn_out: tuple[str, nn.Module]  # o_proj: writes the residual stream
     mlp: NormGroup  # norm -> gate, up (GPT-2 / BERT: the one fc)
     mlp_out: tuple[str, nn.Module]  # down_proj: writes the residual stream
+    out_norms: tuple[nn.Module, ...] = ()  # norms on o's and down's outputs before the adds (Gemma)
 
 
 @dataclass
 class ModelView:
-    family: str  # "bert" | "gpt2" | "llama" (Llama, Qwen2, Mistral, SmolLM2 ...)
+    family: str  # "bert" | "gpt2" | "llama" (Llama, Qwen2, Mistral, SmolLM2 ...) | "gemma" (sandwich norms)
     pre_norm: bool
     embeddings: dict[str, nn.Embedding]  # write the residual stream before block 0
     blocks: list[Block]
@@ -80,17 +86,26 @@ def model_view(model: nn.Module) -> ModelView:
 
 
 def _llama_view(model, base, layers, names) -> ModelView | None:
+    """Llama's blocks, and Gemma 2/3's: the same with a norm on each sub-layer's output, where the MLP's
+    pre-norm is pre_feedforward_layernorm and post_attention_layernorm normalizes the attention output."""
     first = layers[0]
     if not (
         hasattr(first, "input_layernorm") and hasattr(first, "self_attn") and hasattr(first.mlp, "gate_proj")
     ):
         return None
+    sandwich = hasattr(first, "pre_feedforward_layernorm")
     blocks = [
         Block(
             _group(names, b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
             _named(names, b.self_attn.o_proj),
-            _group(names, b.post_attention_layernorm, b.mlp.gate_proj, b.mlp.up_proj),
+            _group(
+                names,
+                b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm,
+                b.mlp.gate_proj,
+                b.mlp.up_proj,
+            ),
             _named(names, b.mlp.down_proj),
+            (b.post_attention_layernorm, b.post_feedforward_layernorm) if sandwich else (),
         )
         for b in layers
     ]
@@ -100,7 +115,8 @@ def _llama_view(model, base, layers, names) -> ModelView | None:
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     emb = dict([_named(names, base.embed_tokens)])
     final = _group(names, base.norm, *_lm_head(model))
-    return ModelView("llama", True, emb, blocks, final, n_heads, n_kv, head_dim)
+    family = "gemma" if sandwich else "llama"
+    return ModelView(family, True, emb, blocks, final, n_heads, n_kv, head_dim)
 
 
 def _gpt2_view(model, base, layers, names) -> ModelView | None:
@@ -169,6 +185,35 @@ def _unsupported(model: nn.Module, why: str) -> ModelError:
 def weight_out_in(linear: nn.Module) -> torch.Tensor:
     """The weight as an [out, in] view (GPT-2's Conv1D stores [in, out]); writes go through to the module."""
     return linear.weight.t() if isinstance(linear, Conv1D) else linear.weight
+
+
+@torch.no_grad()
+def gain_offset(norm: nn.Module) -> float:
+    """a in gain = a + weight: 0 for torch's norms and Llama's RMSNorm, 1 for Gemma's, which scales by
+    (1 + w). Measured, not looked up by class: with its weight zeroed, the norm outputs 0 (plus its bias),
+    or the normalized input itself."""
+    weight = norm.weight
+    saved = weight.detach().clone()
+    x = torch.linspace(-1, 2, weight.numel(), dtype=weight.dtype, device=weight.device)[None]
+    weight.zero_()
+    try:
+        out = norm(x).float()
+    finally:
+        weight.copy_(saved)
+    bias = getattr(norm, "bias", None)
+    out = out - (bias.float() if bias is not None else 0)
+    return 0.0 if not out.any() else 1.0
+
+
+def norm_gain(norm: nn.Module) -> torch.Tensor:
+    """The per-channel gain (fp32) the norm applies to its normalized input."""
+    return norm.weight.detach().float() + gain_offset(norm)
+
+
+@torch.no_grad()
+def set_norm_gain(norm: nn.Module, gain: torch.Tensor) -> None:
+    """Make the norm's gain `gain` (its weight gain - a: gain_offset)."""
+    norm.weight.copy_((gain.float() - gain_offset(norm)).to(norm.weight.dtype))
 
 
 def norm_groups(view: ModelView) -> list[NormGroup]:

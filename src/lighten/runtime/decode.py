@@ -118,7 +118,7 @@ class Decoder:
 
     def __init__(self, model: nn.Module, max_len: int = 2048):
         view = model_view(model)
-        if view.family != "llama":
+        if view.family != "llama":  # Gemma's norms on sub-layer outputs, (1 + w) gains, scaled embeddings
             raise ModelError(f"the lean decoder runs Llama-family models, not {view.family}")
         base = model.model
         attn = base.layers[0].self_attn

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from lighten.errors import ModelError
-from lighten.models.arch import ModelView, NormGroup, model_view, norm_groups, weight_out_in
+from lighten.models.arch import (
+    ModelView,
+    NormGroup,
+    model_view,
+    norm_gain,
+    norm_groups,
+    set_norm_gain,
+    weight_out_in,
+)
 
 POST_NORM = (
     "BERT-style models are post-LN: each LayerNorm's output is both the input of the next linears and the "
@@ -27,10 +35,11 @@ def fold_norm_affine(model: nn.Module) -> nn.Module:
     since only the head takes the final γ. GPT-2's lm_head has no bias, so ln_f's β becomes a new lm_head
     bias (exact in this model; Hugging Face's GPT2LMHeadModel does not load that bias back from a checkpoint).
 
-    What can and cannot be folded: every norm of a pre-norm model (GPT-2, Llama/Qwen2/Mistral) folds
-    exactly, except the final norm of a base model without lm_head (its output is the model's output, so it
-    keeps its γ/β); no norm of a post-LN model (BERT) does, and this raises ModelError saying why, changing
-    nothing.
+    What can and cannot be folded: every norm of a pre-norm model (GPT-2, Llama/Qwen2/Mistral, and Gemma's
+    pre-norms, whose gain is 1 + w: their w becomes 0) folds exactly, except the final norm of a base model
+    without lm_head (its output is the model's output, so it keeps its γ/β), and Gemma's norms on the
+    sub-layers' outputs (no linear reads them: they keep their gains); no norm of a post-LN model (BERT)
+    does, and this raises ModelError saying why, changing nothing.
     """
     view = pre_norm_view(model, "fold norms of")
     untie_lm_head(model)
@@ -59,7 +68,7 @@ def untie_lm_head(model: nn.Module) -> None:
 
 
 def _fold(group: NormGroup) -> None:
-    gamma = group.norm.weight.float()
+    gamma = norm_gain(group.norm)  # γ, or Gemma's 1 + w
     beta = getattr(group.norm, "bias", None)
     for name, linear in group.linears.items():
         w = weight_out_in(linear)
@@ -72,7 +81,7 @@ def _fold(group: NormGroup) -> None:
             else:
                 raise ModelError(f"cannot fold the β of {group.name} into {name}: it has no bias to take it")
         w.copy_(w.float() * gamma)
-    group.norm.weight.fill_(1)
+    set_norm_gain(group.norm, torch.ones_like(gamma))
     if beta is not None:
         beta.zero_()
 
@@ -86,7 +95,7 @@ def require_folded(view: ModelView, rewrite: str) -> None:
         )
     for group in norm_groups(view):
         beta = getattr(group.norm, "bias", None)
-        if not (group.norm.weight == 1).all() or (beta is not None and beta.any()):
+        if not (norm_gain(group.norm) == 1).all() or (beta is not None and beta.any()):
             raise ModelError(
                 f"{rewrite} needs folded norms, but {group.name} still has its own gain/bias: "
                 "run fold_norm_affine first (--surgery fold,...), and smoothing only after it"

@@ -34,6 +34,12 @@ def rotate_residual_hadamard(model: nn.Module, seed: int = 0, online: bool = Tru
     `heads`, each attention head's values. Needs an RMSNorm model (Llama family, or GPT-2 after
     layernorm_to_rmsnorm) with folded norms (fold_norm_affine first). Exact up to float rounding."""
     view = pre_norm_view(model, "rotate")
+    if any(b.out_norms for b in view.blocks):
+        raise ModelError(
+            f"cannot rotate {type(model).__name__}: it normalizes each sub-layer's output before adding it "
+            "to the residual stream (post_attention_layernorm, post_feedforward_layernorm), and that norm's "
+            "per-channel gain does not commute with a rotation of the stream, so no rotation of it is exact"
+        )
     if any(isinstance(g.norm, nn.LayerNorm) for g in norm_groups(view)):
         raise ModelError(
             "rotation needs RMSNorm: LayerNorm subtracts the mean of the channels, which a rotation does "

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lighten.errors import ModelError
-from lighten.models.arch import NormGroup, model_view, value_proj, weight_out_in
+from lighten.models.arch import NormGroup, model_view, norm_gain, set_norm_gain, value_proj, weight_out_in
 from lighten.surgery.fold import pre_norm_view
 
 
@@ -122,7 +122,7 @@ def scale_norm_group(group: NormGroup, s: Tensor) -> None:
     s_j: exact in a pre-norm group, whose norm output only its readers see. Computed in fp32, rounded once
     to each parameter's dtype. SmoothQuant, OS+ and AWQ fold their scales with this."""
     s = s.to(group.norm.weight.device)
-    group.norm.weight.copy_(group.norm.weight.float() / s)
+    set_norm_gain(group.norm, norm_gain(group.norm) / s)
     if getattr(group.norm, "bias", None) is not None:
         group.norm.bias.copy_(group.norm.bias.float() / s)
     for linear in group.linears.values():
