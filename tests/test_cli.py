@@ -71,6 +71,20 @@ def test_quantize_then_eval_a_causal_model(tmp_path):
     assert cand["weight_bytes"] < report["reference"]["weight_bytes"]
 
 
+def test_eval_clamps_the_context_to_the_position_table(tmp_path):
+    """GPT-2 with 32 positions, asked for windows of 512: clamped to 32 and said (an IndexError before)."""
+    src = save_tiny("gpt2", tmp_path / "src", n_positions=32)
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(400))
+    result = lighten(
+        "eval", src, "--reference", src, "--text", text, "--tokens", 128, "--context", 512, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "context 512 is beyond the 32 positions the model reads: clamped to 32" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["data"]["context"] == 32 and report["candidates"][0]["kl"] == pytest.approx(0, abs=1e-6)
+
+
 def test_a_gguf_block_type_end_to_end(tmp_path):
     """lighten quantize -f q4_0 writes a checkpoint that runs packed and evaluates at exactly 4.5 bits."""
     src = save_tiny("llama", tmp_path / "src")

@@ -12,6 +12,7 @@ from lighten.eval.embeddings import embedding_fidelity
 from lighten.eval.perplexity import causal_fidelity
 from lighten.eval.size import size_report
 from lighten.models import BUILTIN, model_kind, resolve
+from lighten.models.limits import max_positions
 from lighten.progress import note
 
 
@@ -25,7 +26,8 @@ def evaluate(
 ) -> dict:
     """Compare `candidates` to `reference` (default: the source model named in the first checkpoint).
 
-    `text` replaces the default corpus (Wikipedia evaluation split / the shipped sentences).
+    `text` replaces the default corpus (Wikipedia evaluation split / the shipped sentences). A `context`
+    beyond the positions a model reads is clamped to them (and said).
     `loaded` maps a name to an already loaded (model, tokenizer), to avoid loading the reference twice."""
     loaded = dict(loaded or {})
     if reference is None:
@@ -47,6 +49,10 @@ def evaluate(
     report = {"kind": kind, "reference": size_report(_model_dir(ref_name)) | {"name": str(ref_name)}}
     if kind == "causal":
         texts = [text] if text is not None else wiki_texts("evaluation")
+        limit = min(filter(None, (max_positions(m.config) for m, _ in models.values())), default=None)
+        if limit is not None and context > limit:  # a longer window would index past the position table
+            note(f"context {context} is beyond the {limit} positions the model reads: clamped to {limit}")
+            context = limit
         fid = causal_fidelity(
             ref_model,
             cand_models if reference is not None else [],
