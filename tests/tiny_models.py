@@ -14,6 +14,8 @@ from transformers import (
     Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -95,6 +97,15 @@ ARCHS = {  # arch -> (model class, config class, config)
     # Norms on each sub-layer's output too, RMSNorm scaled by (1 + w), embeddings by sqrt(hidden)
     "gemma2": (Gemma2ForCausalLM, Gemma2Config, DECODER | dict(head_dim=16)),
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, DECODER | dict(head_dim=16)),
+    # Llama's blocks with multipliers on the embeddings, the residual adds, attention and the logits
+    "granite": (
+        GraniteForCausalLM,
+        GraniteConfig,
+        DECODER
+        | dict(
+            embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0
+        ),
+    ),
 }
 
 

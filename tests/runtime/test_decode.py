@@ -103,6 +103,9 @@ def test_decoder_refuses_other_families_and_long_sequences():
         Decoder(tiny_model("gpt2"))
     with pytest.raises(ModelError, match="not gemma"):  # norms on sub-layer outputs: `run` uses generate
         Decoder(tiny_model("gemma2"))
+    # Llama's structure, other numbers: seen by comparing with transformers' forward when built
+    with pytest.raises(ModelError, match="does not compute this granite model as transformers does"):
+        Decoder(tiny_model("granite"))
     decoder = Decoder(tiny_model("llama"), max_len=8)
     with pytest.raises(ModelError, match="8 positions"):
         decoder.generate(PROMPT, 4)

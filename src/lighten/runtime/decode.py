@@ -35,6 +35,7 @@ from lighten.runtime.ggml import GGMLFunction, ggml_owns_cores
 from lighten.runtime.linear import GGMLLinear, PackedLinear
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the ones whose tables do not depend on the length
+CHECK_TOKENS = 8  # the probe checking the decoder against transformers' forward once, when it is built
 
 
 class Concat(nn.Module):
@@ -158,6 +159,28 @@ class Decoder:
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.caches = list(zip(self.k_cache, self.v_cache, strict=True))
+        self._check_against(model)
+
+    @torch.no_grad()
+    def _check_against(self, model: nn.Module) -> None:
+        """ModelError unless this forward gives the model's own logits on a short seeded probe: a variant
+        that the structure above does not show (embedding or residual multipliers, logit scaling, ...)
+        is refused, never computed wrongly; callers fall back to transformers' generate."""
+        vocab = self.embed.num_embeddings
+        ids = torch.randint(
+            vocab, (min(CHECK_TOKENS, self.max_len),), generator=torch.Generator().manual_seed(0)
+        )
+        want = model(ids[None]).logits[0, -1].float()
+        with self.cores():
+            got = self.forward(ids, 0).float()
+        off = ((got - want).norm() / want.norm()).item()
+        tolerance = 1e-3 if self.dtype == torch.float32 else 2**-4
+        if not off <= tolerance:
+            raise ModelError(
+                f"the lean decoder does not compute this {model.config.model_type} model as transformers "
+                f"does ({off:.1e} off its logits, tolerance {tolerance:.0e}): it has parts the decoder "
+                "does not know"
+            )
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
