@@ -18,9 +18,15 @@ from transformers import (
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 WORDS = [
@@ -94,6 +100,9 @@ ARCHS = {  # arch -> (model class, config class, config)
     ),
     "llama": (LlamaForCausalLM, LlamaConfig, DECODER | dict(tie_word_embeddings=True)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, DECODER | dict(tie_word_embeddings=False)),
+    "mistral": (MistralForCausalLM, MistralConfig, DECODER | dict(sliding_window=8)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, DECODER | dict(head_dim=16)),  # RMSNorms on q and k per head
+    "phi3": (Phi3ForCausalLM, Phi3Config, DECODER),  # q/k/v in one qkv_proj, gate/up in one gate_up_proj
     # Norms on each sub-layer's output too, RMSNorm scaled by (1 + w), embeddings by sqrt(hidden)
     "gemma2": (Gemma2ForCausalLM, Gemma2Config, DECODER | dict(head_dim=16)),
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, DECODER | dict(head_dim=16)),

@@ -26,6 +26,11 @@ def test_steps_are_described():
         ("llama", ["fold", "rotate_fused"]),
         ("qwen2", ["fold", "rotate_fused", "smooth"]),
         ("gpt2", ["fold", "rmsnorm", "rotate_fused", "osplus"]),
+        ("mistral", ["fold", "rotate", "smooth"]),
+        ("qwen3", ["fold", "rotate", "smooth"]),
+        ("granite", ["fold", "rotate", "smooth"]),  # its multipliers scale whole vectors: they commute
+        ("phi3", ["fold", "rotate", "smooth"]),
+        ("phi3", ["fold", "rotate_fused", "osplus"]),
     ],
 )
 def test_pipelines_are_exact(arch, steps):

@@ -45,7 +45,9 @@ class Block:
 
 @dataclass
 class ModelView:
-    family: str  # "bert" | "gpt2" | "llama" (Llama, Qwen2, Mistral, SmolLM2 ...) | "gemma" (sandwich norms)
+    # "bert" | "gpt2" | "llama" (Llama, Qwen2, Mistral, SmolLM2 ...) | "phi3" (fused qkv and gate/up) |
+    # "gemma" (sandwich norms)
+    family: str
     pre_norm: bool
     embeddings: dict[str, nn.Embedding]  # write the residual stream before block 0
     blocks: list[Block]
@@ -86,23 +88,28 @@ def model_view(model: nn.Module) -> ModelView:
 
 
 def _llama_view(model, base, layers, names) -> ModelView | None:
-    """Llama's blocks, and Gemma 2/3's: the same with a norm on each sub-layer's output, where the MLP's
-    pre-norm is pre_feedforward_layernorm and post_attention_layernorm normalizes the attention output."""
+    """Llama's blocks; Phi-3's, with q/k/v in one qkv_proj and gate/up in one gate_up_proj; and Gemma 2/3's,
+    with a norm on each sub-layer's output, where the MLP's pre-norm is pre_feedforward_layernorm and
+    post_attention_layernorm normalizes the attention output."""
     first = layers[0]
-    if not (
-        hasattr(first, "input_layernorm") and hasattr(first, "self_attn") and hasattr(first.mlp, "gate_proj")
-    ):
+    if not (hasattr(first, "input_layernorm") and hasattr(first, "self_attn") and hasattr(first, "mlp")):
+        return None
+    fused = hasattr(first.mlp, "gate_up_proj") and hasattr(first.self_attn, "qkv_proj")
+    if not (hasattr(first.mlp, "gate_proj") or fused):
         return None
     sandwich = hasattr(first, "pre_feedforward_layernorm")
+
+    def readers(b):
+        if fused:
+            return [b.self_attn.qkv_proj], [b.mlp.gate_up_proj]
+        return [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj], [b.mlp.gate_proj, b.mlp.up_proj]
+
     blocks = [
         Block(
-            _group(names, b.input_layernorm, b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
+            _group(names, b.input_layernorm, *readers(b)[0]),
             _named(names, b.self_attn.o_proj),
             _group(
-                names,
-                b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm,
-                b.mlp.gate_proj,
-                b.mlp.up_proj,
+                names, b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm, *readers(b)[1]
             ),
             _named(names, b.mlp.down_proj),
             (b.post_attention_layernorm, b.post_feedforward_layernorm) if sandwich else (),
@@ -115,7 +122,7 @@ def _llama_view(model, base, layers, names) -> ModelView | None:
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     emb = dict([_named(names, base.embed_tokens)])
     final = _group(names, base.norm, *_lm_head(model))
-    family = "gemma" if sandwich else "llama"
+    family = "gemma" if sandwich else "phi3" if fused else "llama"
     return ModelView(family, True, emb, blocks, final, n_heads, n_kv, head_dim)
 
 
@@ -223,11 +230,11 @@ def norm_groups(view: ModelView) -> list[NormGroup]:
 
 
 def value_proj(view: ModelView, block: Block) -> tuple[nn.Module, slice]:
-    """The linear that computes a block's attention values and which of its output rows they are
-    (GPT-2's c_attn computes q, k and v in one matmul; the others have a separate v / value linear)."""
-    if view.family == "gpt2":
-        (c_attn,) = block.attn.linears.values()
-        width = view.num_heads * view.head_dim
-        return c_attn, slice(2 * width, 3 * width)
+    """The linear that computes a block's attention values and which of its output rows they are (GPT-2's
+    c_attn and Phi-3's qkv_proj compute q, k and v in one matmul; the others have a separate v / value)."""
+    if len(block.attn.linears) == 1:
+        (qkv,) = block.attn.linears.values()
+        q_rows, kv_rows = view.num_heads * view.head_dim, view.num_kv_heads * view.head_dim
+        return qkv, slice(q_rows + kv_rows, q_rows + 2 * kv_rows)
     _, _, v = block.attn.linears.values()  # q, k, v in that order
     return v, slice(None)
