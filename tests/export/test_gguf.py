@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from lighten import formats
@@ -72,9 +81,13 @@ def tiny_export(tmp_path_factory):
 
 def tiny(arch: str):
     torch.manual_seed(0)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+    model_class, config_class = {
+        "llama": (LlamaForCausalLM, LlamaConfig),
+        "mistral": (MistralForCausalLM, MistralConfig),
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config),
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config),
+    }[arch]
+    return model_class(config_class(**TINY)).eval()
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -138,7 +151,7 @@ def assert_within_step(qtype, step: np.ndarray, x: np.ndarray, y: np.ndarray) ->
 )
 def test_tiny_round_trip_within_format_bound(tiny_export, arch, qtype):
     model, _, path = tiny_export(arch, qtype)
-    back = read_back(path, model, permuted=arch == "llama")
+    back = read_back(path, model, permuted=arch in ("llama", "mistral"))
     state = model.state_dict()
     assert set(back) == set(state)
     for name, (t, y, step) in back.items():
@@ -327,7 +340,15 @@ def llama_cpp_and_hf_logits(path, model, ids):
 
 
 @pytest.mark.parametrize(
-    "arch,qtype", [("llama", "F16"), ("qwen2", "F16"), ("llama", "Q6_K"), ("llama", "Q4_K")]
+    "arch,qtype",
+    [
+        ("llama", "F16"),
+        ("qwen2", "F16"),
+        ("mistral", "F16"),
+        ("qwen3", "F16"),
+        ("llama", "Q6_K"),
+        ("llama", "Q4_K"),
+    ],
 )
 def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, arch, qtype):
     """Random weights: llama.cpp must see the rope layout it expects (permuted q/k for llama, NEOX rope and
@@ -338,7 +359,7 @@ def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, arch, qtype):
         for p in model.parameters():
             p.mul_(3)  # spread the logits (range ~11), so a wrong layout stands out
     path = export_gguf(model, tiny_bpe_tokenizer(), tmp_path / "t.gguf", qtype, pre_tokenizer="gpt-2")
-    back = read_back(path, model, permuted=arch == "llama")
+    back = read_back(path, model, permuted=arch in ("llama", "mistral"))
     model.load_state_dict({name: torch.from_numpy(w.copy()) for name, (_, w, _) in back.items()})
     _, ours, ref = llama_cpp_and_hf_logits(path, model, list(range(5, 25)))
     # Quantized matmuls in llama.cpp round activations to 8 bits too: measured max 0.17 (Q6_K), 0.21 (Q4_K).

@@ -56,8 +56,15 @@ FOUR_BIT = {T.Q4_0, T.Q4_K}
 
 # HF class → (GGUF architecture, whether q/k need the rotary permutation). Llama's rotate_half rope pairs
 # dimension i with i + d/2; llama.cpp's "llama" rope pairs 2i with 2i+1, so q and k rows are re-ordered.
-# Qwen2 runs with NEOX rope in llama.cpp, which is rotate_half already.
-ARCHS = {"LlamaForCausalLM": ("llama", True), "Qwen2ForCausalLM": ("qwen2", False)}
+# Qwen2 and Qwen3 run with NEOX rope in llama.cpp, which is rotate_half already. Mistral is Llama to
+# llama.cpp's converter (its sliding window, 4096 positions where a config has one, is not applied there:
+# the same up to that context).
+ARCHS = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+}
 
 GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -70,6 +77,8 @@ LAYER_TENSORS = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",  # Qwen3: RMSNorm of each q and k head
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
