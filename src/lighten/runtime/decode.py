@@ -174,7 +174,10 @@ class Decoder:
         with self.cores():
             got = self.forward(ids, 0).float()
         off = ((got - want).norm() / want.norm()).item()
-        tolerance = 1e-3 if self.dtype == torch.float32 else 2**-4
+        # bf16 rounds, and ggml rounds activations to 8 bits, in other places than transformers' forward: a
+        # few 1e-3 (measured up to 9e-3 on SmolLM2); a part the decoder misses moves the logits by ~1.
+        packed = any(isinstance(m, PackedLinear) for m in model.modules())
+        tolerance = 1e-3 if self.dtype == torch.float32 and not packed else 2**-4
         if not off <= tolerance:
             raise ModelError(
                 f"the lean decoder does not compute this {model.config.model_type} model as transformers "
