@@ -15,6 +15,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -86,8 +88,9 @@ def tiny(arch: str):
         "mistral": (MistralForCausalLM, MistralConfig),
         "qwen2": (Qwen2ForCausalLM, Qwen2Config),
         "qwen3": (Qwen3ForCausalLM, Qwen3Config),
+        "phi3": (Phi3ForCausalLM, Phi3Config),
     }[arch]
-    return model_class(config_class(**TINY)).eval()
+    return model_class(config_class(**TINY, pad_token_id=0)).eval()
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -346,6 +349,7 @@ def llama_cpp_and_hf_logits(path, model, ids):
         ("qwen2", "F16"),
         ("mistral", "F16"),
         ("qwen3", "F16"),
+        ("phi3", "F16"),
         ("llama", "Q6_K"),
         ("llama", "Q4_K"),
     ],

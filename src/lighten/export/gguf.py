@@ -64,6 +64,7 @@ ARCHS = {
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
+    "Phi3ForCausalLM": ("phi3", False),  # NEOX rope too; q/k/v and gate/up fused, as HF stores them
 }
 
 GLOBAL_TENSORS = {
@@ -77,11 +78,13 @@ LAYER_TENSORS = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3: q, k, v rows in one matrix
     "self_attn.q_norm": "attn_q_norm",  # Qwen3: RMSNorm of each q and k head
     "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
+    "mlp.gate_up_proj": "ffn_up",  # Phi-3: gate rows then up rows; llama.cpp splits them the same way
     "mlp.down_proj": "ffn_down",
 }
 
@@ -297,7 +300,7 @@ def _add_hparams(writer, config) -> None:
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if head_dim * config.num_attention_heads != config.hidden_size:
         # llama.cpp derives the head size from embedding_length / head_count unless told otherwise.
         writer.add_key_length(head_dim)
