@@ -11,6 +11,8 @@ import pytest
 import torch
 from tiny_models import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 from transformers import (
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -89,8 +91,14 @@ def tiny(arch: str):
         "qwen2": (Qwen2ForCausalLM, Qwen2Config),
         "qwen3": (Qwen3ForCausalLM, Qwen3Config),
         "phi3": (Phi3ForCausalLM, Phi3Config),
+        "granite": (GraniteForCausalLM, GraniteConfig),
     }[arch]
-    return model_class(config_class(**TINY, pad_token_id=0)).eval()
+    multipliers = {  # Granite's, each away from 1 so that a lost one shows
+        "granite": dict(
+            embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0
+        )
+    }.get(arch, {})
+    return model_class(config_class(**TINY, pad_token_id=0, **multipliers)).eval()
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -154,7 +162,7 @@ def assert_within_step(qtype, step: np.ndarray, x: np.ndarray, y: np.ndarray) ->
 )
 def test_tiny_round_trip_within_format_bound(tiny_export, arch, qtype):
     model, _, path = tiny_export(arch, qtype)
-    back = read_back(path, model, permuted=arch in ("llama", "mistral"))
+    back = read_back(path, model, permuted=arch in ("llama", "mistral", "granite"))
     state = model.state_dict()
     assert set(back) == set(state)
     for name, (t, y, step) in back.items():
@@ -350,6 +358,7 @@ def llama_cpp_and_hf_logits(path, model, ids):
         ("mistral", "F16"),
         ("qwen3", "F16"),
         ("phi3", "F16"),
+        ("granite", "F16"),
         ("llama", "Q6_K"),
         ("llama", "Q4_K"),
     ],
@@ -363,7 +372,7 @@ def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, arch, qtype):
         for p in model.parameters():
             p.mul_(3)  # spread the logits (range ~11), so a wrong layout stands out
     path = export_gguf(model, tiny_bpe_tokenizer(), tmp_path / "t.gguf", qtype, pre_tokenizer="gpt-2")
-    back = read_back(path, model, permuted=arch in ("llama", "mistral"))
+    back = read_back(path, model, permuted=arch in ("llama", "mistral", "granite"))
     model.load_state_dict({name: torch.from_numpy(w.copy()) for name, (_, w, _) in back.items()})
     _, ours, ref = llama_cpp_and_hf_logits(path, model, list(range(5, 25)))
     # Quantized matmuls in llama.cpp round activations to 8 bits too: measured max 0.17 (Q6_K), 0.21 (Q4_K).

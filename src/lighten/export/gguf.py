@@ -65,6 +65,14 @@ ARCHS = {
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
     "Phi3ForCausalLM": ("phi3", False),  # NEOX rope too; q/k/v and gate/up fused, as HF stores them
+    "GraniteForCausalLM": ("granite", True),  # Llama's tensors, with its four multipliers as metadata
+}
+# Granite's multipliers: config attribute -> GGUFWriter method (convert_hf_to_gguf's GraniteModel)
+GRANITE_SCALES = {
+    "attention_multiplier": "add_attention_scale",
+    "embedding_multiplier": "add_embedding_scale",
+    "residual_multiplier": "add_residual_scale",
+    "logits_scaling": "add_logit_scale",
 }
 
 GLOBAL_TENSORS = {
@@ -301,6 +309,9 @@ def _add_hparams(writer, config) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    for key, add in GRANITE_SCALES.items():
+        if hasattr(config, key):
+            getattr(writer, add)(float(getattr(config, key)))
     if head_dim * config.num_attention_heads != config.hidden_size:
         # llama.cpp derives the head size from embedding_length / head_count unless told otherwise.
         writer.add_key_length(head_dim)
