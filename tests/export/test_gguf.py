@@ -11,6 +11,8 @@ import pytest
 import torch
 from tiny_models import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
@@ -92,13 +94,23 @@ def tiny(arch: str):
         "qwen3": (Qwen3ForCausalLM, Qwen3Config),
         "phi3": (Phi3ForCausalLM, Phi3Config),
         "granite": (GraniteForCausalLM, GraniteConfig),
+        "gemma2": (Gemma2ForCausalLM, Gemma2Config),
     }[arch]
-    multipliers = {  # Granite's, each away from 1 so that a lost one shows
+    extra = {
+        # Granite's multipliers, each away from 1 so that a lost one shows
         "granite": dict(
             embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0
-        )
+        ),
+        # llama.cpp scales Gemma 2's attention by 1/sqrt(head_dim)
+        "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, tie_word_embeddings=True),  # as every Gemma
     }.get(arch, {})
-    return model_class(config_class(**TINY, pad_token_id=0, **multipliers)).eval()
+    model = model_class(config_class(**(TINY | dict(pad_token_id=0) | extra))).eval()
+    if arch == "gemma2":  # Gemma's norms scale by 1 + w, w = 0 at init: give w values to carry over
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(0.3 * torch.randn_like(p))
+    return model
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -111,7 +123,8 @@ def read_back(path, model, permuted: bool):
     layout: q/k rows are put back in HF's order. Steps are read for the types export_gguf encodes."""
     config = model.config
     out = {}
-    hf_names = {gguf_tensor_name(n): n for n in model.state_dict()}
+    sandwich = hasattr(model.model.layers[0], "pre_feedforward_layernorm")
+    hf_names = {gguf_tensor_name(n, sandwich): n for n in model.state_dict()}
     for t in gguf.GGUFReader(path).tensors:
         shape = tuple(reversed(t.shape.tolist()))
         w = dequantize(t.data, t.tensor_type).reshape(shape)
@@ -359,6 +372,7 @@ def llama_cpp_and_hf_logits(path, model, ids):
         ("qwen3", "F16"),
         ("phi3", "F16"),
         ("granite", "F16"),
+        ("gemma2", "F16"),
         ("llama", "Q6_K"),
         ("llama", "Q4_K"),
     ],
@@ -373,7 +387,11 @@ def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, arch, qtype):
             p.mul_(3)  # spread the logits (range ~11), so a wrong layout stands out
     path = export_gguf(model, tiny_bpe_tokenizer(), tmp_path / "t.gguf", qtype, pre_tokenizer="gpt-2")
     back = read_back(path, model, permuted=arch in ("llama", "mistral", "granite"))
-    model.load_state_dict({name: torch.from_numpy(w.copy()) for name, (_, w, _) in back.items()})
+    # The file holds each norm's gain, which for Gemma is 1 + w: back to w for transformers
+    offset = {name: float(arch == "gemma2" and name.endswith("norm.weight")) for name in back}
+    loaded = {name: torch.from_numpy(w.copy()) - offset[name] for name, (_, w, _) in back.items()}
+    missing, _ = model.load_state_dict(loaded, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and model.config.tie_word_embeddings == bool(missing)
     _, ours, ref = llama_cpp_and_hf_logits(path, model, list(range(5, 25)))
     # Quantized matmuls in llama.cpp round activations to 8 bits too: measured max 0.17 (Q6_K), 0.21 (Q4_K).
     assert np.abs(ours - ref).max() < (0.05 if qtype == "F16" else 0.5)

@@ -34,6 +34,7 @@ from lighten.atomic import atomic_file, check_output
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
 from lighten.formats.ggml import GGMLFormat
+from lighten.models.arch import gain_offset, model_view, norm_gain
 
 # The gguf package is an optional extra (lighten[models]); importing it here keeps the error at one place.
 try:
@@ -66,6 +67,13 @@ ARCHS = {
     "Qwen3ForCausalLM": ("qwen3", False),
     "Phi3ForCausalLM": ("phi3", False),  # NEOX rope too; q/k/v and gate/up fused, as HF stores them
     "GraniteForCausalLM": ("granite", True),  # Llama's tensors, with its four multipliers as metadata
+    "Gemma2ForCausalLM": ("gemma2", False),  # NEOX rope; norms on sub-layer outputs (SANDWICH_TENSORS)
+}
+# Gemma's norms: post_attention_layernorm normalizes the attention output (Llama's is the MLP's pre-norm).
+SANDWICH_TENSORS = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
 }
 # Granite's multipliers: config attribute -> GGUFWriter method (convert_hf_to_gguf's GraniteModel)
 GRANITE_SCALES = {
@@ -187,6 +195,11 @@ def export_gguf(
     blocks = blocks or {}
     config = model.config
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if arch == "gemma2" and not tied:
+        raise LightenError(
+            "llama.cpp computes Gemma 2's logits with its token embedding; this model's lm_head is a matrix "
+            "of its own (surgery fold unties it), so its export would compute another model"
+        )
     # Tied models get no "output": llama.cpp then multiplies by token_embd, which so is the output matrix.
     output = "token_embd.weight" if tied else "output.weight"
     writer_name = name or Path(str(getattr(config, "name_or_path", "") or "model")).name
@@ -226,10 +239,18 @@ def _gguf_tensors(model, permute: bool, tied: bool, blocks: dict[str, QuantizedT
     rope, which for blocks moves whole rows of bytes and so stays exact."""
     config = model.config
     heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
+    sandwich = model_view(model).family == "gemma"
+    gains = {
+        f"{name}.weight": norm_gain(m)
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("RMSNorm") and gain_offset(m) != 0
+    }
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and tied:
             continue
-        gguf_name = gguf_tensor_name(hf_name)
+        gguf_name = gguf_tensor_name(hf_name, sandwich)
+        if hf_name in gains:  # llama.cpp multiplies by the stored gain: Gemma's 1 + w, not its w
+            t = gains[hf_name]
         if hf_name in blocks:
             q = blocks[hf_name]
             data, data_type = q.tensors["blocks"].numpy(), formats.get(q.spec).ggml_type
@@ -241,14 +262,16 @@ def _gguf_tensors(model, permute: bool, tied: bool, blocks: dict[str, QuantizedT
         yield gguf_name, data, data_type
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, sandwich: bool = False) -> str:
+    """llama.cpp's name of a Hugging Face tensor; `sandwich`: Gemma's norms (SANDWICH_TENSORS)."""
     if hf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[hf_name]
     parts = hf_name.split(".")  # model.layers.N.<module path>.weight|bias
     module = ".".join(parts[3:-1])
-    if parts[:2] != ["model", "layers"] or module not in LAYER_TENSORS:
+    names = LAYER_TENSORS | (SANDWICH_TENSORS if sandwich else {})
+    if parts[:2] != ["model", "layers"] or module not in names:
         raise LightenError(f"GGUF export does not know where tensor {hf_name!r} goes in llama.cpp")
-    return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.{parts[-1]}"
+    return f"blk.{parts[2]}.{names[module]}.{parts[-1]}"
 
 
 def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -309,6 +332,15 @@ def _add_hparams(writer, config) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if config.model_type == "gemma2":
+        if config.query_pre_attn_scalar != head_dim:  # llama.cpp scales attention by 1/sqrt(head_dim)
+            raise LightenError(
+                f"llama.cpp scales Gemma 2's attention by 1/sqrt(head_dim = {head_dim}); this model's "
+                f"query_pre_attn_scalar is {config.query_pre_attn_scalar}: its export would compute another"
+            )
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+        writer.add_sliding_window(config.sliding_window)
     for key, add in GRANITE_SCALES.items():
         if hasattr(config, key):
             getattr(writer, add)(float(getattr(config, key)))
