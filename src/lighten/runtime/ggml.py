@@ -6,8 +6,8 @@ a matmul needs through ctypes, no GGUF file and no model load:
     w = GGMLMatrix(blocks, "q4_0", (n, k))     # blocks: uint8 [n, bytes per row], the GGUF block bytes
     y = GGMLProduct([w]).matmul(x)             # x: fp32 [m, k] -> fp32 [m, n], y = x Wᵀ
     GGMLProduct([wq, wk, wv]).matmul(x)        # several weights of one input in one call, side by side
-    f = GGMLFunction([k], n, lambda g, x: [g.matmul(w_down, g.swiglu(g.matmul(w_gate, x), g.matmul(w_up, x)))])
-    y = f(x)                                   # a small graph of fixed weights, one call (the decoder's blocks)
+    mlp = lambda g, x: [g.matmul(w_down, g.swiglu(g.matmul(w_gate, x), g.matmul(w_up, x)))]
+    y = GGMLFunction([k], n, mlp)(x)           # a small graph of fixed weights in one call (decode's blocks)
 
 A weight goes into ggml's "repack" buffer where ggml has an interleaved layout for its type and shape
 (q4_0, iq4_nl, q4_k, ... on AVX2 / AVX-512 / NEON: what llama.cpp does when it loads a model), otherwise
