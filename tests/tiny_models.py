@@ -27,6 +27,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 WORDS = [
@@ -103,6 +105,8 @@ ARCHS = {  # arch -> (model class, config class, config)
     "mistral": (MistralForCausalLM, MistralConfig, DECODER | dict(sliding_window=8)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, DECODER | dict(head_dim=16)),  # RMSNorms on q and k per head
     "phi3": (Phi3ForCausalLM, Phi3Config, DECODER),  # q/k/v in one qkv_proj, gate/up in one gate_up_proj
+    # LayerNorm with bias as pre-norms, RoPE on a quarter of each head (partial_rotary_factor 0.25)
+    "stablelm": (StableLmForCausalLM, StableLmConfig, DECODER),
     # Norms on each sub-layer's output too, RMSNorm scaled by (1 + w), embeddings by sqrt(hidden)
     "gemma2": (Gemma2ForCausalLM, Gemma2Config, DECODER | dict(head_dim=16)),
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, DECODER | dict(head_dim=16)),

@@ -106,6 +106,8 @@ def test_decoder_refuses_other_families_and_long_sequences():
     # Llama's structure, other numbers: seen by comparing with transformers' forward when built
     with pytest.raises(ModelError, match="does not compute this granite model as transformers does"):
         Decoder(tiny_model("granite"))
+    with pytest.raises(ModelError, match="partial RoPE"):  # StableLM rotates a quarter of each head
+        Decoder(tiny_model("stablelm"))
     decoder = Decoder(tiny_model("llama"), max_len=8)
     with pytest.raises(ModelError, match="8 positions"):
         decoder.generate(PROMPT, 4)

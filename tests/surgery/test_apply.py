@@ -31,6 +31,7 @@ def test_steps_are_described():
         ("granite", ["fold", "rotate", "smooth"]),  # its multipliers scale whole vectors: they commute
         ("phi3", ["fold", "rotate", "smooth"]),
         ("phi3", ["fold", "rotate_fused", "osplus"]),
+        ("stablelm", ["fold", "osplus"]),  # LayerNorm with bias: no rotation without Pre-RMSNorm
     ],
 )
 def test_pipelines_are_exact(arch, steps):

@@ -150,6 +150,11 @@ class Decoder:
         x = torch.zeros(1, 1, dtype=self.dtype)
         cos, sin = base.rotary_emb(x, torch.arange(max_len)[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        if self.cos.shape[-1] != self.head_dim:
+            raise ModelError(
+                f"{type(model).__name__} rotates {self.cos.shape[-1]} of each head's {self.head_dim} "
+                "dimensions (partial RoPE); the lean decoder rotates whole heads"
+            )
         self.rotate_half_t = _rotate_half_matrix(self.head_dim, self.dtype).T.contiguous()
         # ggml computes on a thread pool of its own: torch single-threaded beside it (lighten.runtime.ggml).
         on_ggml = any(isinstance(m, GGMLLinear) for m in model.modules())
@@ -171,8 +176,11 @@ class Decoder:
             vocab, (min(CHECK_TOKENS, self.max_len),), generator=torch.Generator().manual_seed(0)
         )
         want = model(ids[None]).logits[0, -1].float()
-        with self.cores():
-            got = self.forward(ids, 0).float()
+        try:
+            with self.cores():
+                got = self.forward(ids, 0).float()
+        except RuntimeError as e:  # shapes the structure above did not show
+            raise ModelError(f"the lean decoder cannot run this {model.config.model_type} model: {e}") from e
         off = ((got - want).norm() / want.norm()).item()
         # bf16 rounds, and ggml rounds activations to 8 bits, in other places than transformers' forward: a
         # few 1e-3 (measured up to 9e-3 on SmolLM2); a part the decoder misses moves the logits by ~1.
