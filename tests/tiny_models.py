@@ -14,12 +14,16 @@ from transformers import (
     Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedTokenizerFast,
@@ -110,6 +114,14 @@ ARCHS = {  # arch -> (model class, config class, config)
     # Norms on each sub-layer's output too, RMSNorm scaled by (1 + w), embeddings by sqrt(hidden)
     "gemma2": (Gemma2ForCausalLM, Gemma2Config, DECODER | dict(head_dim=16)),
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, DECODER | dict(head_dim=16)),
+    # Norms on each sub-layer's output and none before it; RMSNorms on all of q and of k
+    "olmo2": (Olmo2ForCausalLM, Olmo2Config, DECODER),
+    # Attention and MLP in parallel on LayerNorms of the same stream; q, k, v interleaved head by head
+    "gpt_neox": (
+        GPTNeoXForCausalLM,
+        GPTNeoXConfig,
+        {k: v for k, v in DECODER.items() if k != "num_key_value_heads"},
+    ),
     # Llama's blocks with multipliers on the embeddings, the residual adds, attention and the logits
     "granite": (
         GraniteForCausalLM,

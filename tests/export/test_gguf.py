@@ -11,20 +11,8 @@ import pytest
 import torch
 from tiny_models import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
 from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GraniteConfig,
-    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -86,26 +74,26 @@ def tiny_export(tmp_path_factory):
 
 
 def tiny(arch: str):
-    torch.manual_seed(0)
-    model_class, config_class = {
-        "llama": (LlamaForCausalLM, LlamaConfig),
-        "mistral": (MistralForCausalLM, MistralConfig),
-        "qwen2": (Qwen2ForCausalLM, Qwen2Config),
-        "qwen3": (Qwen3ForCausalLM, Qwen3Config),
-        "phi3": (Phi3ForCausalLM, Phi3Config),
-        "granite": (GraniteForCausalLM, GraniteConfig),
-        "gemma2": (Gemma2ForCausalLM, Gemma2Config),
-    }[arch]
     extra = {
-        # Granite's multipliers, each away from 1 so that a lost one shows
-        "granite": dict(
-            embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0
+        "mistral": dict(sliding_window=None),  # llama.cpp attends to every token (the export notes it)
+        # llama.cpp scales Gemma's attention by 1/sqrt(head_dim); every Gemma ties its lm_head
+        "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, tie_word_embeddings=True),
+        # a full-attention layer after a sliding one (window 8 < the 20 test tokens), each with its own
+        # rope base: llama.cpp's defaults (every sixth layer full, base 10000) would compute another model
+        "gemma3": dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            tie_word_embeddings=True,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
         ),
-        # llama.cpp scales Gemma 2's attention by 1/sqrt(head_dim)
-        "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, tie_word_embeddings=True),  # as every Gemma
     }.get(arch, {})
-    model = model_class(config_class(**(TINY | dict(pad_token_id=0) | extra))).eval()
-    if arch == "gemma2":  # Gemma's norms scale by 1 + w, w = 0 at init: give w values to carry over
+    model = tiny_model(arch, **(TINY | dict(pad_token_id=0) | extra))
+    if arch.startswith("gemma"):  # Gemma's norms scale by 1 + w, w = 0 at init: give w values to carry over
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
@@ -373,6 +361,7 @@ def llama_cpp_and_hf_logits(path, model, ids):
         ("phi3", "F16"),
         ("granite", "F16"),
         ("gemma2", "F16"),
+        ("gemma3", "F16"),
         ("llama", "Q6_K"),
         ("llama", "Q4_K"),
     ],
@@ -388,7 +377,7 @@ def test_llama_cpp_runs_tiny_export_like_transformers(tmp_path, arch, qtype):
     path = export_gguf(model, tiny_bpe_tokenizer(), tmp_path / "t.gguf", qtype, pre_tokenizer="gpt-2")
     back = read_back(path, model, permuted=arch in ("llama", "mistral", "granite"))
     # The file holds each norm's gain, which for Gemma is 1 + w: back to w for transformers
-    offset = {name: float(arch == "gemma2" and name.endswith("norm.weight")) for name in back}
+    offset = {name: float(arch.startswith("gemma") and name.endswith("norm.weight")) for name in back}
     loaded = {name: torch.from_numpy(w.copy()) - offset[name] for name, (_, w, _) in back.items()}
     missing, _ = model.load_state_dict(loaded, strict=False)
     assert set(missing) <= {"lm_head.weight"} and model.config.tie_word_embeddings == bool(missing)

@@ -16,6 +16,11 @@ from lighten.models.arch import model_view, norm_groups, value_proj, weight_out_
         ("qwen2", "llama", True, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]),
         ("gpt2", "gpt2", True, ["c_attn", "c_fc"]),
         ("bert", "bert", False, ["query", "key", "value", "intermediate.dense"]),
+        ("gpt_neox", "neox", True, ["query_key_value", "dense_h_to_4h"]),
+        ("phi3", "phi3", True, ["qkv_proj", "gate_up_proj"]),
+        ("gemma2", "gemma", True, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]),
+        # no pre-norms: the linears read the residual stream, i.e. the sub-layer's own input
+        ("olmo2", "olmo2", False, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]),
     ],
 )
 def test_view_of_each_family(arch, family, pre_norm, fed):
@@ -34,6 +39,10 @@ def test_final_norm_feeds_lm_head():
     view = model_view(tiny_model("llama"))
     assert view.final.name == "model.norm" and list(view.final.linears) == ["lm_head"]
     assert model_view(tiny_model("bert")).final is None
+    neox = tiny_model("gpt_neox")
+    view = model_view(neox)
+    assert view.final.name == "gpt_neox.final_layer_norm"
+    assert list(view.final.linears.values()) == [neox.get_output_embeddings()]
 
 
 def test_gqa_head_counts():
@@ -58,8 +67,17 @@ def test_weight_out_in_is_a_writable_view():
 
 
 def _norm_output_feeds(model, group) -> bool:
+    """Whether the group's linears read its norm's output (without a norm: its sub-layer's input)."""
     seen = {}
-    hooks = [group.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("norm", o))]
+    if group.norm is None:
+        sub_layer = model.get_submodule(group.name)
+        hooks = [
+            sub_layer.register_forward_pre_hook(
+                lambda m, a, k: seen.__setitem__("norm", a[0] if a else k["hidden_states"]), with_kwargs=True
+            )
+        ]
+    else:
+        hooks = [group.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("norm", o))]
     for name, lin in group.linears.items():
         hooks.append(lin.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, i[0])))
     with torch.no_grad():
@@ -76,7 +94,7 @@ def test_norm_groups_in_forward_order(arch, n_groups):
     assert len(groups) == n_groups and groups[:2] == [view.blocks[0].attn, view.blocks[0].mlp]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "phi3", "gpt_neox"])
 def test_value_proj_rows_are_the_values(arch):
     """Zeroing the rows value_proj names zeroes the attention output (softmax-weighted sums of values)."""
     model = tiny_model(arch)

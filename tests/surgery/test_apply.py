@@ -32,6 +32,8 @@ def test_steps_are_described():
         ("phi3", ["fold", "rotate", "smooth"]),
         ("phi3", ["fold", "rotate_fused", "osplus"]),
         ("stablelm", ["fold", "osplus"]),  # LayerNorm with bias: no rotation without Pre-RMSNorm
+        ("gpt_neox", ["fold", "rmsnorm", "rotate", "smooth"]),  # two LayerNorms of one stream, in parallel
+        ("gpt_neox", ["fold", "osplus"]),
     ],
 )
 def test_pipelines_are_exact(arch, steps):
@@ -101,6 +103,16 @@ def test_gemma_folds_and_smooths_exactly_and_refuses_rotation(arch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ModelError, match="normalizes each sub-layer's output"):
         apply_surgery(model, ["rotate"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("step", ["fold", "smooth", "osplus"])
+def test_olmo2_has_no_pre_norm_to_rewrite(step):
+    """OLMo-2 normalizes only the sub-layers' outputs: its linears read the residual stream itself."""
+    model = tiny_model("olmo2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelError, match="OLMo-2 has no norm before its sub-layers"):
+        apply_surgery(model, [step], stats=lambda m: {})
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

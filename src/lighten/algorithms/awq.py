@@ -85,9 +85,10 @@ def awq_scale_group(
 
 def norms_to_fold(view: ModelView, algorithm: str = "AWQ") -> bool:
     """Whether the model has pre-norms to fold scales into; if not (post-LN: its norms also write the
-    residual stream, so a scale folded into them would not cancel), a note that it gets plain RTN."""
+    residual stream, so a scale folded into them would not cancel; OLMo-2: no norm before the linears), a
+    note that it gets plain RTN."""
     if not view.pre_norm:
-        note(f"{algorithm}: {view.family} is post-norm, with no norm to fold scales into; using plain RTN")
+        note(f"{algorithm}: {view.family} has no pre-norms (read by linears only) to fold scales into: RTN")
     return view.pre_norm
 
 

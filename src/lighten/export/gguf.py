@@ -35,6 +35,7 @@ from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
 from lighten.formats.ggml import GGMLFormat
 from lighten.models.arch import gain_offset, model_view, norm_gain
+from lighten.progress import note
 
 # The gguf package is an optional extra (lighten[models]); importing it here keeps the error at one place.
 try:
@@ -68,6 +69,7 @@ ARCHS = {
     "Phi3ForCausalLM": ("phi3", False),  # NEOX rope too; q/k/v and gate/up fused, as HF stores them
     "GraniteForCausalLM": ("granite", True),  # Llama's tensors, with its four multipliers as metadata
     "Gemma2ForCausalLM": ("gemma2", False),  # NEOX rope; norms on sub-layer outputs (SANDWICH_TENSORS)
+    "Gemma3ForCausalLM": ("gemma3", False),  # Gemma 2's tensors, q/k norms, two rope bases, no soft-capping
 }
 # Gemma's norms: post_attention_layernorm normalizes the attention output (Llama's is the MLP's pre-norm).
 SANDWICH_TENSORS = {
@@ -313,14 +315,15 @@ def _encode(w: np.ndarray, qtype: T) -> np.ndarray:
 
 
 def _add_hparams(writer, config) -> None:
-    rope = getattr(config, "rope_parameters", None) or {
-        "rope_type": "default",
-        "rope_theta": getattr(config, "rope_theta", 10000.0),
-    }
-    if rope.get("rope_type", "default") != "default":
-        raise LightenError(
-            f"GGUF export supports only plain RoPE; this model uses {rope['rope_type']!r} rope scaling"
-        )
+    # Gemma 3 keeps one rope for its sliding-window layers and one for the full-attention layers.
+    ropes = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    ropes = ropes if "full_attention" in ropes else {"full_attention": ropes}
+    for rope in ropes.values():
+        if rope.get("rope_type", "default") != "default":
+            raise LightenError(
+                f"GGUF export supports only plain RoPE; this model uses {rope['rope_type']!r} rope scaling"
+            )
+    rope = ropes["full_attention"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -332,15 +335,13 @@ def _add_hparams(writer, config) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
-    if config.model_type == "gemma2":
-        if config.query_pre_attn_scalar != head_dim:  # llama.cpp scales attention by 1/sqrt(head_dim)
-            raise LightenError(
-                f"llama.cpp scales Gemma 2's attention by 1/sqrt(head_dim = {head_dim}); this model's "
-                f"query_pre_attn_scalar is {config.query_pre_attn_scalar}: its export would compute another"
-            )
-        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
-        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
-        writer.add_sliding_window(config.sliding_window)
+    if config.model_type in ("gemma2", "gemma3_text"):
+        _add_gemma_hparams(writer, config, head_dim, ropes)
+    elif getattr(config, "sliding_window", None) and config.sliding_window < config.max_position_embeddings:
+        note(
+            f"llama.cpp runs {config.model_type} without its sliding window: the export computes the same "
+            f"up to {config.sliding_window} tokens of context, and attends to all of them beyond"
+        )
     for key, add in GRANITE_SCALES.items():
         if hasattr(config, key):
             getattr(writer, add)(float(getattr(config, key)))
@@ -348,6 +349,29 @@ def _add_hparams(writer, config) -> None:
         # llama.cpp derives the head size from embedding_length / head_count unless told otherwise.
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def _add_gemma_hparams(writer, config, head_dim: int, ropes: dict) -> None:
+    """Attention scale, soft-capping and sliding windows as llama.cpp's gemma2 / gemma3 graphs read them."""
+    name = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}[config.model_type]
+    if config.query_pre_attn_scalar != head_dim:  # llama.cpp scales attention by 1/sqrt(head_dim)
+        raise LightenError(
+            f"llama.cpp scales {name}'s attention by 1/sqrt(head_dim = {head_dim}); this model's "
+            f"query_pre_attn_scalar is {config.query_pre_attn_scalar}: its export would compute another"
+        )
+    writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+        return
+    if config.attn_logit_softcapping:
+        raise LightenError("llama.cpp does not soft-cap Gemma 3's attention logits, which this model does")
+    if config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    # Which layers slide, and their rope base: without these llama.cpp assumes Gemma 3's own (every sixth
+    # layer full, base 10000), and a model that differs would run with the wrong ones.
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
+    writer.add_rope_freq_base_swa(float(ropes["sliding_attention"]["rope_theta"]))
 
 
 def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str | None) -> None:

@@ -14,6 +14,9 @@ and 3 are pre-norm with a second norm on each sub-layer's output, before its res
     residual stream ──► norm ──► q, k, v ──► attention ──► o ──► out norm ──► (+ residual)
 
 and their RMSNorm scales by (1 + w), not w: norm_gain reads a norm's gain whatever its parametrization.
+OLMo-2 keeps only the output norms: its q, k, v and gate, up read the residual stream itself (their
+NormGroup has no norm). GPT-NeoX adds attention and MLP to the stream in parallel, each behind its own
+LayerNorm of the same stream: as far as the rewrites go, that is pre-norm like GPT-2.
 """
 
 from dataclasses import dataclass
@@ -27,10 +30,11 @@ from lighten.errors import ModelError
 
 @dataclass
 class NormGroup:
-    """A norm and the linear layers that read its output (and nothing else does, in pre-norm models)."""
+    """A norm and the linear layers that read its output (and nothing else does, in pre-norm models).
+    Without a norm (OLMo-2), the linears read the residual stream and `name` is their sub-layer's."""
 
     name: str
-    norm: nn.Module
+    norm: nn.Module | None
     linears: dict[str, nn.Module]  # module name -> Linear / Conv1D
 
 
@@ -46,7 +50,7 @@ class Block:
 @dataclass
 class ModelView:
     # "bert" | "gpt2" | "llama" (Llama, Qwen2, Mistral, SmolLM2 ...) | "phi3" (fused qkv and gate/up) |
-    # "gemma" (sandwich norms)
+    # "gemma" (sandwich norms) | "olmo2" (output norms only) | "neox" (parallel attention and MLP)
     family: str
     pre_norm: bool
     embeddings: dict[str, nn.Embedding]  # write the residual stream before block 0
@@ -59,9 +63,7 @@ class ModelView:
 
 def model_view(model: nn.Module) -> ModelView:
     """The view of a supported model; ModelError naming what is missing otherwise."""
-    base = (
-        getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "bert", model)
-    )
+    base = model.base_model
     layers = (
         getattr(base, "layers", None)
         or getattr(base, "h", None)
@@ -78,8 +80,9 @@ def model_view(model: nn.Module) -> ModelView:
             return view
     raise _unsupported(
         model,
-        "its blocks match none of the Llama (input_layernorm/self_attn/mlp.gate_proj), "
-        "GPT-2 (ln_1/attn.c_attn) or BERT (attention/intermediate/output) layouts",
+        "its blocks match none of the Llama (input_layernorm/self_attn/mlp.gate_proj), OLMo-2 "
+        "(self_attn/mlp/post_feedforward_layernorm), GPT-2 (ln_1/attn.c_attn), GPT-NeoX "
+        "(attention.query_key_value/mlp.dense_h_to_4h) or BERT (attention/intermediate/output) layouts",
     )
 
 
@@ -88,42 +91,48 @@ def model_view(model: nn.Module) -> ModelView:
 
 
 def _llama_view(model, base, layers, names) -> ModelView | None:
-    """Llama's blocks; Phi-3's, with q/k/v in one qkv_proj and gate/up in one gate_up_proj; and Gemma 2/3's,
+    """Llama's blocks; Phi-3's, with q/k/v in one qkv_proj and gate/up in one gate_up_proj; Gemma 2/3's,
     with a norm on each sub-layer's output, where the MLP's pre-norm is pre_feedforward_layernorm and
-    post_attention_layernorm normalizes the attention output."""
+    post_attention_layernorm normalizes the attention output; and OLMo-2's, with the output norms only."""
     first = layers[0]
-    if not (hasattr(first, "input_layernorm") and hasattr(first, "self_attn") and hasattr(first, "mlp")):
+    if not (hasattr(first, "self_attn") and hasattr(first, "mlp")):
         return None
     fused = hasattr(first.mlp, "gate_up_proj") and hasattr(first.self_attn, "qkv_proj")
     if not (hasattr(first.mlp, "gate_proj") or fused):
         return None
     sandwich = hasattr(first, "pre_feedforward_layernorm")
+    output_norms_only = not hasattr(first, "input_layernorm")
+    if output_norms_only and not hasattr(first, "post_feedforward_layernorm"):
+        return None
 
-    def readers(b):
+    has_out_norms = sandwich or output_norms_only
+
+    def block(b) -> Block:
         if fused:
-            return [b.self_attn.qkv_proj], [b.mlp.gate_up_proj]
-        return [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj], [b.mlp.gate_proj, b.mlp.up_proj]
+            attn, mlp = [b.self_attn.qkv_proj], [b.mlp.gate_up_proj]
+        else:
+            attn = [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]
+            mlp = [b.mlp.gate_proj, b.mlp.up_proj]
+        if output_norms_only:
+            attn_group = _group(names, None, *attn, reads=b.self_attn)
+            mlp_group = _group(names, None, *mlp, reads=b.mlp)
+        else:
+            attn_group = _group(names, b.input_layernorm, *attn)
+            mlp_norm = b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm
+            mlp_group = _group(names, mlp_norm, *mlp)
+        out_norms = (b.post_attention_layernorm, b.post_feedforward_layernorm) if has_out_norms else ()
+        o, down = _named(names, b.self_attn.o_proj), _named(names, b.mlp.down_proj)
+        return Block(attn_group, o, mlp_group, down, out_norms)
 
-    blocks = [
-        Block(
-            _group(names, b.input_layernorm, *readers(b)[0]),
-            _named(names, b.self_attn.o_proj),
-            _group(
-                names, b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm, *readers(b)[1]
-            ),
-            _named(names, b.mlp.down_proj),
-            (b.post_attention_layernorm, b.post_feedforward_layernorm) if sandwich else (),
-        )
-        for b in layers
-    ]
+    blocks = [block(b) for b in layers]
     cfg = model.config
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     emb = dict([_named(names, base.embed_tokens)])
     final = _group(names, base.norm, *_lm_head(model))
-    family = "gemma" if sandwich else "phi3" if fused else "llama"
-    return ModelView(family, True, emb, blocks, final, n_heads, n_kv, head_dim)
+    family = "olmo2" if output_norms_only else "gemma" if sandwich else "phi3" if fused else "llama"
+    return ModelView(family, not output_norms_only, emb, blocks, final, n_heads, n_kv, head_dim)
 
 
 def _gpt2_view(model, base, layers, names) -> ModelView | None:
@@ -142,6 +151,25 @@ def _gpt2_view(model, base, layers, names) -> ModelView | None:
     final = _group(names, base.ln_f, *_lm_head(model))
     n = model.config.n_head
     return ModelView("gpt2", True, emb, blocks, final, n, n, model.config.n_embd // n)
+
+
+def _neox_view(model, base, layers, names) -> ModelView | None:
+    first = layers[0]
+    if not (hasattr(first, "attention") and hasattr(first.attention, "query_key_value")):
+        return None
+    blocks = [
+        Block(
+            _group(names, b.input_layernorm, b.attention.query_key_value),
+            _named(names, b.attention.dense),
+            _group(names, b.post_attention_layernorm, b.mlp.dense_h_to_4h),
+            _named(names, b.mlp.dense_4h_to_h),
+        )
+        for b in layers
+    ]
+    emb = dict([_named(names, base.embed_in)])
+    final = _group(names, base.final_layer_norm, *_lm_head(model))
+    n = model.config.num_attention_heads
+    return ModelView("neox", True, emb, blocks, final, n, n, model.config.hidden_size // n)
 
 
 def _bert_view(model, base, layers, names) -> ModelView | None:
@@ -165,27 +193,31 @@ def _bert_view(model, base, layers, names) -> ModelView | None:
     return ModelView("bert", False, emb, blocks, None, n, n, model.config.hidden_size // n)
 
 
-FAMILY_VIEWS = [_llama_view, _gpt2_view, _bert_view]
+FAMILY_VIEWS = [_llama_view, _gpt2_view, _neox_view, _bert_view]
 
 
 def _named(names: dict, m: nn.Module) -> tuple[str, nn.Module]:
     return names[id(m)], m
 
 
-def _group(names: dict, norm: nn.Module, *linears: nn.Module) -> NormGroup:
-    return NormGroup(names[id(norm)], norm, dict(_named(names, m) for m in linears))
+def _group(names: dict, norm: nn.Module | None, *linears: nn.Module, reads: nn.Module = None) -> NormGroup:
+    """The group of `norm` (or, without one, of the sub-layer `reads` whose linears read the stream)."""
+    return NormGroup(
+        names[id(norm if norm is not None else reads)], norm, dict(_named(names, m) for m in linears)
+    )
 
 
 def _lm_head(model: nn.Module) -> list[nn.Module]:
     """The LM head as a reader of the final norm, if the model has one."""
-    head = getattr(model, "lm_head", None)
+    head = model.get_output_embeddings()
     return [head] if head is not None else []
 
 
 def _unsupported(model: nn.Module, why: str) -> ModelError:
     return ModelError(
         f"{type(model).__name__} is not supported by lighten's model view: {why}. Supported: "
-        "BERT-family encoders, GPT-2, and Llama/Qwen2/Mistral-shaped causal LMs."
+        "BERT-family encoders, GPT-2, GPT-NeoX, and Llama-shaped causal LMs (Llama, Qwen2/3, Mistral, "
+        "Granite, Phi-3, StableLM, Gemma 2/3, OLMo-2)."
     )
 
 
@@ -229,12 +261,18 @@ def norm_groups(view: ModelView) -> list[NormGroup]:
     return groups + ([view.final] if view.final is not None else [])
 
 
-def value_proj(view: ModelView, block: Block) -> tuple[nn.Module, slice]:
+def value_proj(view: ModelView, block: Block) -> tuple[nn.Module, torch.Tensor | slice]:
     """The linear that computes a block's attention values and which of its output rows they are (GPT-2's
-    c_attn and Phi-3's qkv_proj compute q, k and v in one matmul; the others have a separate v / value)."""
+    c_attn and Phi-3's qkv_proj compute q, k and v in one matmul, all q rows first; GPT-NeoX's
+    query_key_value too, but head by head: q, k, v of head 0, then of head 1...; the others have a separate
+    v / value). Write them back by indexing (w[rows] = ...): rows may be an index tensor."""
     if len(block.attn.linears) == 1:
         (qkv,) = block.attn.linears.values()
-        q_rows, kv_rows = view.num_heads * view.head_dim, view.num_kv_heads * view.head_dim
+        hd = view.head_dim
+        if view.family == "neox":
+            heads = torch.arange(view.num_heads)[:, None] * 3 * hd
+            return qkv, (heads + 2 * hd + torch.arange(hd)).flatten()
+        q_rows, kv_rows = view.num_heads * hd, view.num_kv_heads * hd
         return qkv, slice(q_rows + kv_rows, q_rows + 2 * kv_rows)
     _, _, v = block.attn.linears.values()  # q, k, v in that order
     return v, slice(None)

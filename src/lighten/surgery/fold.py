@@ -50,11 +50,20 @@ def fold_norm_affine(model: nn.Module) -> nn.Module:
     return model
 
 
+OUTPUT_NORMS_ONLY = (
+    "OLMo-2 has no norm before its sub-layers: q, k, v and gate, up read the residual stream itself, and "
+    "its norms sit on the sub-layers' outputs (post_attention_layernorm, post_feedforward_layernorm), "
+    "where no linear reads them, so there is no norm affine to fold, scale or rotate past"
+)
+
+
 def pre_norm_view(model: nn.Module, action: str, advice: str = "") -> ModelView:
-    """The model's view; on a post-LN model, ModelError "cannot <action> <model class>" saying why."""
+    """The model's view; on a model without pre-norms (post-LN, OLMo-2), ModelError "cannot <action>
+    <model class>" saying why."""
     view = model_view(model)
     if not view.pre_norm:
-        raise ModelError(f"cannot {action} {type(model).__name__}: {POST_NORM}. {advice}".rstrip())
+        why = OUTPUT_NORMS_ONLY if view.family == "olmo2" else POST_NORM
+        raise ModelError(f"cannot {action} {type(model).__name__}: {why}. {advice}".rstrip())
     return view
 
 

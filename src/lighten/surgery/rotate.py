@@ -112,8 +112,8 @@ def _rotate_heads(view, block, h: Rotation) -> None:
     """Values v ← v·H per head (rows of v_proj: Hᵀ·W_v, bias likewise); o_proj reads them back with W_o·H."""
     hd = view.head_dim
     v, rows = value_proj(view, block)
-    w = weight_out_in(v)[rows]
-    w.copy_(h(w.unflatten(0, (-1, hd)).transpose(1, 2)).transpose(1, 2).flatten(0, 1))
+    w_v = weight_out_in(v)
+    w_v[rows] = h(w_v[rows].unflatten(0, (-1, hd)).transpose(1, 2)).transpose(1, 2).flatten(0, 1)
     if v.bias is not None:
         v.bias[rows] = h(v.bias[rows].unflatten(0, (-1, hd))).flatten()
     w_o = weight_out_in(block.attn_out[1])

@@ -71,8 +71,8 @@ def smooth_values(model: nn.Module, act_absmax: dict[str, Tensor], alpha: float 
         x = per_kv_channel(_inputs(act_absmax, [name])[0])
         s = _smoothing_scales(x, per_kv_channel(w_out.abs().amax(dim=0)), alpha).to(w_out.device)
         v, rows = value_proj(view, block)
-        w_v = weight_out_in(v)[rows]
-        w_v.copy_(w_v.float() / s.flatten()[:, None])
+        w_v = weight_out_in(v)
+        w_v[rows] = (w_v[rows].float() / s.flatten()[:, None]).to(w_v.dtype)
         if v.bias is not None:
             v.bias[rows] = v.bias[rows].float() / s.flatten()
         w_out.copy_((w_out.float().unflatten(1, (kv, -1, hd)) * s[:, None, :]).flatten(1))
