@@ -256,16 +256,3 @@ def test_an_unwritable_output_fails_at_once(tmp_path):
     ):
         assert_refused(lighten(*args), "not a directory")
     assert snapshot(tmp_path) == before
-
-
-@pytest.mark.parametrize("arch", ["stablelm", "gemma2", "granite"])
-def test_run_falls_back_to_generate_where_the_lean_decoder_does_not_fit(tmp_path, arch):
-    """Partial RoPE, norms on sub-layer outputs, multipliers: the lean decoder refuses them (it checks itself
-    against transformers' forward when built) and `run` generates with transformers instead: no traceback,
-    no wrong text."""
-    src = save_tiny(arch, tmp_path / "src")
-    assert lighten("quantize", src, "-f", "int8", "-o", tmp_path / "q").returncode == 0
-    result = lighten("run", tmp_path / "q", "-p", "the model is", "--max-new-tokens", 3, "--json")
-    assert result.returncode == 0, result.stderr
-    (generation,) = json.loads(result.stdout)["generations"]
-    assert generation["new_tokens"] == 3

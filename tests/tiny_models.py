@@ -112,8 +112,9 @@ ARCHS = {  # arch -> (model class, config class, config)
     # LayerNorm with bias as pre-norms, RoPE on a quarter of each head (partial_rotary_factor 0.25)
     "stablelm": (StableLmForCausalLM, StableLmConfig, DECODER),
     # Norms on each sub-layer's output too, RMSNorm scaled by (1 + w), embeddings by sqrt(hidden)
-    "gemma2": (Gemma2ForCausalLM, Gemma2Config, DECODER | dict(head_dim=16)),
-    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, DECODER | dict(head_dim=16)),
+    # (attention scaled by 1/sqrt(head_dim), as in the 2B/9B models and as llama.cpp computes it)
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, DECODER | dict(head_dim=16, query_pre_attn_scalar=16)),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, DECODER | dict(head_dim=16, query_pre_attn_scalar=16)),
     # Norms on each sub-layer's output and none before it; RMSNorms on all of q and of k
     "olmo2": (Olmo2ForCausalLM, Olmo2Config, DECODER),
     # Attention and MLP in parallel on LayerNorms of the same stream; q, k, v interleaved head by head

@@ -357,7 +357,8 @@ def run(
     for g in result["generations"]:
         out.print(f"[bold]{g['prompt']}[/bold]{g['completion']}", highlight=False)
         speed = f"decode {g['decode_tokens_per_s']:.1f} tokens/s"
-        out.print(f"[dim]{g['new_tokens']} tokens, {speed} ({result['engine']})[/dim]")
+        engine = ", ".join(filter(None, (result["engine"], result.get("generator"))))
+        out.print(f"[dim]{g['new_tokens']} tokens, {speed} ({engine})[/dim]")
 
 
 @app.command()
@@ -383,7 +384,8 @@ def export(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
-    """Export for llama.cpp (GGUF, Llama/Qwen2) or vLLM (compressed-tensors, int4/int8 checkpoints)."""
+    """Export for llama.cpp (GGUF: Llama, Mistral, Qwen2/3, Phi-3, Granite, Gemma 2/3) or vLLM
+    (compressed-tensors)."""
     from lighten.pipeline import export_model
 
     out.print(f"wrote {export_model(source, to, output, type, force, pre_tokenizer)}")

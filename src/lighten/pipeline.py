@@ -231,7 +231,8 @@ def run_model(
         for ids in encoded
     ]
     result = _generations(tokenizer, prompts, generations)
-    return {**result, "engine": "torch", "kernels": kernel_counts(model)}
+    generator = "lean decoder" if decoder is not None else "transformers generate"
+    return {**result, "engine": "torch", "generator": generator, "kernels": kernel_counts(model)}
 
 
 def _run_llama_cpp(gguf: Path, tokenizer, prompts: list[str], encoded: list[list[int]], new: int) -> dict:

@@ -325,7 +325,20 @@ def _add_hparams(writer, config) -> None:
             )
     rope = ropes["full_attention"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_context_length(config.max_position_embeddings)
+    # llama.cpp's llama graph attends to every token: a sliding-window model (Mistral v0.1) is the same
+    # model only within its window, which so becomes the context it declares (llama.cpp warns beyond it).
+    slides = (
+        config.model_type not in ("gemma2", "gemma3_text")
+        and getattr(config, "use_sliding_window", True)
+        and getattr(config, "sliding_window", None)
+    )
+    context = min(config.max_position_embeddings, slides or config.max_position_embeddings)
+    if context < config.max_position_embeddings:
+        note(
+            f"llama.cpp runs {config.model_type} without its sliding window: the export declares a context "
+            f"of {context} tokens (not {config.max_position_embeddings}), within which it computes the same"
+        )
+    writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -337,11 +350,6 @@ def _add_hparams(writer, config) -> None:
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if config.model_type in ("gemma2", "gemma3_text"):
         _add_gemma_hparams(writer, config, head_dim, ropes)
-    elif getattr(config, "sliding_window", None) and config.sliding_window < config.max_position_embeddings:
-        note(
-            f"llama.cpp runs {config.model_type} without its sliding window: the export computes the same "
-            f"up to {config.sliding_window} tokens of context, and attends to all of them beyond"
-        )
     for key, add in GRANITE_SCALES.items():
         if hasattr(config, key):
             getattr(writer, add)(float(getattr(config, key)))

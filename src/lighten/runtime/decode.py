@@ -133,8 +133,12 @@ class Decoder:
         if rope_type not in ROPE_TYPES:
             raise ModelError(f"RoPE type {rope_type!r} depends on the sequence length; use model.generate")
         window = getattr(model.config, "sliding_window", None)
-        if window and getattr(model.config, "use_sliding_window", True):
-            max_len = min(max_len, window)  # within the window, sliding attention is full attention
+        if window and getattr(model.config, "use_sliding_window", True) and window < max_len:
+            # within the window sliding attention is full attention, which is all this decoder computes
+            raise ModelError(
+                f"this {model.config.model_type} model attends to a sliding window of {window} tokens, fewer "
+                f"than the {max_len} asked for; the lean decoder attends to every token"
+            )
         self.max_len = max_len
         self.dtype = base.embed_tokens.weight.dtype
         # A block all on ggml in an fp32 model is two ggml graphs: 2 calls in place of 4 matmuls and a dozen
