@@ -254,7 +254,7 @@ LEAN, GENERATE, EMBED = "lean decoder", "transformers generate", "embeddings"
 # osplus | eval run | export gguf, export compressed-tensors. Why the refusals: in the README under the table.
 FAMILY_MATRIX = {
     "bert": dict(zip(COMMANDS, [Y, Y, Y, Y, NO, NO, NO, NO, NO, NO, Y, EMBED, NO, Y], strict=True)),
-    "gpt2": dict(zip(COMMANDS, [Y, Y, Y, Y, MEM, MEM, MEM, MEM, Y, Y, Y, GENERATE, NO, NO], strict=True)),
+    "gpt2": dict(zip(COMMANDS, [Y, Y, Y, Y, MEM, MEM, MEM, MEM, Y, Y, Y, GENERATE, Y, NO], strict=True)),
     "llama": dict(zip(COMMANDS, [Y, Y, Y, Y, Y, NO, Y, Y, Y, Y, Y, LEAN, Y, Y], strict=True)),
     "qwen2": dict(zip(COMMANDS, [Y, Y, Y, Y, Y, NO, Y, Y, Y, Y, Y, LEAN, Y, Y], strict=True)),
     "mistral": dict(zip(COMMANDS, [Y, Y, Y, Y, Y, NO, Y, Y, Y, Y, Y, GENERATE, Y, Y], strict=True)),
@@ -263,9 +263,9 @@ FAMILY_MATRIX = {
     "granite": dict(zip(COMMANDS, [Y, Y, Y, Y, Y, NO, Y, Y, Y, Y, Y, GENERATE, Y, Y], strict=True)),
     "gemma2": dict(zip(COMMANDS, [Y, Y, Y, Y, Y, NO, NO, NO, Y, Y, Y, GENERATE, Y, Y], strict=True)),
     "gemma3": dict(zip(COMMANDS, [Y, Y, Y, Y, Y, NO, NO, NO, Y, Y, Y, GENERATE, Y, Y], strict=True)),
-    "olmo2": dict(zip(COMMANDS, [Y, Y, Y, Y, NO, NO, NO, NO, NO, NO, Y, GENERATE, NO, Y], strict=True)),
-    "stablelm": dict(zip(COMMANDS, [Y, Y, Y, Y, MEM, MEM, MEM, MEM, Y, Y, Y, GENERATE, NO, Y], strict=True)),
-    "gpt_neox": dict(zip(COMMANDS, [Y, Y, Y, Y, MEM, MEM, MEM, MEM, Y, Y, Y, GENERATE, NO, Y], strict=True)),
+    "olmo2": dict(zip(COMMANDS, [Y, Y, Y, Y, NO, NO, NO, NO, NO, NO, Y, GENERATE, Y, Y], strict=True)),
+    "stablelm": dict(zip(COMMANDS, [Y, Y, Y, Y, MEM, MEM, MEM, MEM, Y, Y, Y, GENERATE, Y, Y], strict=True)),
+    "gpt_neox": dict(zip(COMMANDS, [Y, Y, Y, Y, MEM, MEM, MEM, MEM, Y, Y, Y, GENERATE, Y, Y], strict=True)),
 }
 NAMES = {
     "bert": "BERT (MiniLM)",

@@ -384,7 +384,7 @@ def export(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
-    """Export for llama.cpp (GGUF: Llama, Mistral, Qwen2/3, Phi-3, Granite, Gemma 2/3) or vLLM
+    """Export for llama.cpp (GGUF: causal LMs, see the README's family table) or vLLM
     (compressed-tensors)."""
     from lighten.pipeline import export_model
 

@@ -192,6 +192,6 @@ def llama_cpp_name(weight: str) -> str:
         return gguf_tensor_name(weight)
     except LightenError as e:
         raise LightenError(
-            f"imatrix files name llama.cpp's tensors, and lighten knows them for Llama and Qwen2 models only "
+            f"imatrix files name llama.cpp's tensors, and lighten matches them for Llama-shaped models only "
             f"({e})"
         ) from e

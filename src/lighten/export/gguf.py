@@ -20,14 +20,17 @@ Which type each tensor gets:
   1536) is a k-quant.
 """
 
+import functools
 import json
 import math
+import re
 from collections import Counter
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from lighten import formats
 from lighten.atomic import atomic_file, check_output
@@ -44,6 +47,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise LightenError("GGUF export needs the gguf package: pip install gguf") from e
 
+ARCH_IDS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 QUANTIZED_BY = "lighten"  # general.quantized_by: how `--force` recognises a GGUF lighten wrote
 QTYPES = {
     "F32": (T.F32, gguf.LlamaFileType.ALL_F32),  # the unquantized model as it is: llama-quantize's input
@@ -68,14 +72,12 @@ ARCHS = {
     "Qwen3ForCausalLM": ("qwen3", False),
     "Phi3ForCausalLM": ("phi3", False),  # NEOX rope too; q/k/v and gate/up fused, as HF stores them
     "GraniteForCausalLM": ("granite", True),  # Llama's tensors, with its four multipliers as metadata
-    "Gemma2ForCausalLM": ("gemma2", False),  # NEOX rope; norms on sub-layer outputs (SANDWICH_TENSORS)
+    "Gemma2ForCausalLM": ("gemma2", False),  # NEOX rope; norms on sub-layer outputs too
     "Gemma3ForCausalLM": ("gemma3", False),  # Gemma 2's tensors, q/k norms, two rope bases, no soft-capping
-}
-# Gemma's norms: post_attention_layernorm normalizes the attention output (Llama's is the MLP's pre-norm).
-SANDWICH_TENSORS = {
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
+    "Olmo2ForCausalLM": ("olmo2", False),  # NEOX rope; norms on the sub-layer outputs only, q/k norms
+    "StableLmForCausalLM": ("stablelm", False),  # NEOX rope on part of each head; LayerNorms with bias
+    "GPTNeoXForCausalLM": ("gptneox", False),  # as StableLM, attention and MLP in parallel, fused qkv
+    "GPT2LMHeadModel": ("gpt2", False),  # learned positions, no rope; Conv1D weights stored [in, out]
 }
 # Granite's multipliers: config attribute -> GGUFWriter method (convert_hf_to_gguf's GraniteModel)
 GRANITE_SCALES = {
@@ -83,27 +85,6 @@ GRANITE_SCALES = {
     "embedding_multiplier": "add_embedding_scale",
     "residual_multiplier": "add_residual_scale",
     "logits_scaling": "add_logit_scale",
-}
-
-GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-LAYER_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.qkv_proj": "attn_qkv",  # Phi-3: q, k, v rows in one matrix
-    "self_attn.q_norm": "attn_q_norm",  # Qwen3: RMSNorm of each q and k head
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.gate_up_proj": "ffn_up",  # Phi-3: gate rows then up rows; llama.cpp splits them the same way
-    "mlp.down_proj": "ffn_down",
 }
 
 # llama.cpp picks its BPE pre-tokenizer (the regex that splits text before merging) by the hash of the
@@ -212,9 +193,9 @@ def export_gguf(
         writer.add_quantized_by(QUANTIZED_BY)
         writer.add_file_type(_file_type(qtype, blocks))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_hparams(writer, config)
+        _add_hparams(writer, config, model_view(model).num_kv_heads)
         _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
-        for gguf_name, data, data_type in _gguf_tensors(model, permute, tied, blocks):
+        for gguf_name, data, data_type in _gguf_tensors(model, arch, permute, tied, blocks):
             if data_type is None:  # not carried over: encode it
                 data_type = _tensor_type(gguf_name == output, data, QTYPES[qtype][0])
                 data = _encode(data, data_type)
@@ -235,13 +216,13 @@ def is_lighten_gguf(path: Path) -> bool:
     return field is not None and field.contents() == QUANTIZED_BY
 
 
-def _gguf_tensors(model, permute: bool, tied: bool, blocks: dict[str, QuantizedTensor]):
+def _gguf_tensors(model, arch: str, permute: bool, tied: bool, blocks: dict[str, QuantizedTensor]):
     """(GGUF name, data, ggml type) for every weight: a weight in `blocks` as its blocks (uint8 rows) and
     their type, any other as float32 with type None (to be encoded); q/k rows re-ordered for llama.cpp's
     rope, which for blocks moves whole rows of bytes and so stays exact."""
     config = model.config
-    heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
-    sandwich = model_view(model).family == "gemma"
+    heads = {".attn_q.": config.num_attention_heads, ".attn_k.": getattr(config, "num_key_value_heads", 0)}
+    conv1d = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
     gains = {
         f"{name}.weight": norm_gain(m)
         for name, m in model.named_modules()
@@ -250,30 +231,47 @@ def _gguf_tensors(model, permute: bool, tied: bool, blocks: dict[str, QuantizedT
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and tied:
             continue
-        gguf_name = gguf_tensor_name(hf_name, sandwich)
+        gguf_name = gguf_tensor_name(hf_name, arch)
         if hf_name in gains:  # llama.cpp multiplies by the stored gain: Gemma's 1 + w, not its w
             t = gains[hf_name]
-        if hf_name in blocks:
+        if hf_name in blocks:  # rows of [out, in], as GGUF stores every matrix
             q = blocks[hf_name]
             data, data_type = q.tensors["blocks"].numpy(), formats.get(q.spec).ggml_type
         else:
             data, data_type = t.detach().to(torch.float32).cpu().numpy(), None
+            if hf_name in conv1d:
+                data = np.ascontiguousarray(data.T)
         for part, n_heads in heads.items():
             if permute and part in gguf_name:
                 data = permute_rope(data, n_heads)
+        if arch == "gptneox" and ".attn_qkv." in gguf_name:
+            data = _qkv_by_kind(data, config.num_attention_heads)
         yield gguf_name, data, data_type
 
 
-def gguf_tensor_name(hf_name: str, sandwich: bool = False) -> str:
-    """llama.cpp's name of a Hugging Face tensor; `sandwich`: Gemma's norms (SANDWICH_TENSORS)."""
-    if hf_name in GLOBAL_TENSORS:
-        return GLOBAL_TENSORS[hf_name]
-    parts = hf_name.split(".")  # model.layers.N.<module path>.weight|bias
-    module = ".".join(parts[3:-1])
-    names = LAYER_TENSORS | (SANDWICH_TENSORS if sandwich else {})
-    if parts[:2] != ["model", "layers"] or module not in names:
-        raise LightenError(f"GGUF export does not know where tensor {hf_name!r} goes in llama.cpp")
-    return f"blk.{parts[2]}.{names[module]}.{parts[-1]}"
+def _qkv_by_kind(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """GPT-NeoX's fused rows, q k v of head 0, then of head 1, ... → all q rows, all k, all v (llama.cpp's
+    layout; a row permutation, so blocks move whole)."""
+    return w.reshape(n_heads, 3, w.shape[0] // n_heads // 3, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
+    """llama.cpp's name of a Hugging Face tensor of a model of GGUF architecture `arch`, by gguf's own map
+    (the one llama.cpp's converter uses: Gemma's post_attention_layernorm is post_attention_norm there,
+    Llama's ffn_norm)."""
+    block = re.search(r"\.(\d+)\.", hf_name)
+    blocks = 1 + int(block.group(1)) if block else 1
+    name = _tensor_names(arch, 128 * math.ceil(blocks / 128)).get_name(
+        hf_name, try_suffixes=(".weight", ".bias")
+    )
+    if name is None:
+        raise LightenError(f"GGUF export does not know where tensor {hf_name!r} goes in llama.cpp's {arch}")
+    return name
+
+
+@functools.cache
+def _tensor_names(arch: str, n_blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(ARCH_IDS[arch], n_blocks)
 
 
 def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -314,7 +312,7 @@ def _encode(w: np.ndarray, qtype: T) -> np.ndarray:
     return formats.get(qtype.name).quantize(torch.from_numpy(w)).tensors["blocks"].numpy()
 
 
-def _add_hparams(writer, config) -> None:
+def _add_hparams(writer, config, kv_heads: int) -> None:
     # Gemma 3 keeps one rope for its sliding-window layers and one for the full-attention layers.
     ropes = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
     ropes = ropes if "full_attention" in ropes else {"full_attention": ropes}
@@ -333,6 +331,11 @@ def _add_hparams(writer, config) -> None:
         and getattr(config, "sliding_window", None)
     )
     context = min(config.max_position_embeddings, slides or config.max_position_embeddings)
+    ffn = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or 4 * config.hidden_size
+    )
     if context < config.max_position_embeddings:
         note(
             f"llama.cpp runs {config.model_type} without its sliding window: the export declares a context "
@@ -341,13 +344,19 @@ def _add_hparams(writer, config) -> None:
     writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(ffn)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_head_count_kv(kv_heads)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if getattr(config, "rms_norm_eps", None) is not None:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    else:  # LayerNorms
+        writer.add_layer_norm_eps(getattr(config, "layer_norm_eps", None) or config.layer_norm_epsilon)
+    if hasattr(config, "use_parallel_residual"):
+        writer.add_parallel_residual(config.use_parallel_residual)
+    if config.model_type != "gpt2":  # GPT-2 learns its positions
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if config.model_type in ("gemma2", "gemma3_text"):
         _add_gemma_hparams(writer, config, head_dim, ropes)
     for key, add in GRANITE_SCALES.items():
