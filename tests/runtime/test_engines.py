@@ -91,3 +91,17 @@ def test_the_export_is_written_once_and_kept_while_the_checkpoint_is(checkpoints
     result = lighten("run", checkpoints["q4_0"], "-p", PROMPT, "--max-new-tokens", 3, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["engine"] == "llama.cpp"
+
+
+def test_a_window_llama_cpp_would_not_slide_keeps_the_run_on_torch(tmp_path):
+    """llama.cpp runs Mistral as Llama, attending to every token: with a sliding window (8 tokens here)
+    a q4_0 checkpoint runs on torch (transformers' generate, which slides it), and --engine llama.cpp is
+    refused saying why."""
+    src = tmp_path / "src"
+    tiny_model("mistral", vocab_size=300).save_pretrained(src)
+    tiny_bpe_tokenizer().save_pretrained(src)
+    ckpt = quantize_to_dir(str(src), "q4_0", tmp_path / "q4_0")
+    ran = run_model(ckpt, [PROMPT], 4)
+    assert ran["engine"] == "torch" and ran["generator"] == "transformers generate"
+    result = lighten("run", ckpt, "-p", PROMPT, "--engine", "llama.cpp")
+    assert_refused(result, "cannot run", "slides a window of 8")

@@ -323,14 +323,9 @@ def _add_hparams(writer, config, kv_heads: int) -> None:
             )
     rope = ropes["full_attention"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # llama.cpp's llama graph attends to every token: a sliding-window model (Mistral v0.1) is the same
-    # model only within its window, which so becomes the context it declares (llama.cpp warns beyond it).
-    slides = (
-        config.model_type not in ("gemma2", "gemma3_text")
-        and getattr(config, "use_sliding_window", True)
-        and getattr(config, "sliding_window", None)
-    )
-    context = min(config.max_position_embeddings, slides or config.max_position_embeddings)
+    # A sliding-window model whose window llama.cpp does not apply is the same model only within the
+    # window, which so becomes the context it declares (llama.cpp warns beyond it).
+    context = min(config.max_position_embeddings, unapplied_window(config) or config.max_position_embeddings)
     ffn = (
         getattr(config, "intermediate_size", None)
         or getattr(config, "n_inner", None)
@@ -366,6 +361,14 @@ def _add_hparams(writer, config, kv_heads: int) -> None:
         # llama.cpp derives the head size from embedding_length / head_count unless told otherwise.
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def unapplied_window(config) -> int | None:
+    """The sliding window of a model whose GGUF architecture llama.cpp runs with full attention (Mistral
+    v0.1 as "llama"), or None; llama.cpp's gemma2 / gemma3 graphs apply theirs."""
+    if config.model_type in ("gemma2", "gemma3_text") or not getattr(config, "use_sliding_window", True):
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def _add_gemma_hparams(writer, config, head_dim: int, ropes: dict) -> None:

@@ -54,9 +54,11 @@ def llama_cpp_unfit(checkpoint: Path) -> str | None:
     """Why llama.cpp cannot run this lighten checkpoint exactly, or None if it can: it computes what
     lighten's torch engine computes only where every quantized weight is in a GGUF block type (carried into
     the GGUF file as it is; the rest is written as F32) of an architecture the GGUF export writes."""
+    from transformers import AutoConfig
+
     from lighten import formats
     from lighten.checkpoint import read_manifest
-    from lighten.export.gguf import ARCHS
+    from lighten.export.gguf import ARCHS, unapplied_window
     from lighten.formats.ggml import GGMLFormat
 
     specs = {t["spec"] for t in read_manifest(checkpoint)["tensors"].values()}
@@ -66,6 +68,9 @@ def llama_cpp_unfit(checkpoint: Path) -> str | None:
     arch = (json.loads((checkpoint / "config.json").read_text()).get("architectures") or ["?"])[0]
     if arch not in ARCHS:
         return f"lighten's GGUF export does not write {arch} (it writes {', '.join(ARCHS)})"
+    window = unapplied_window(AutoConfig.from_pretrained(checkpoint))
+    if window:
+        return f"llama.cpp attends to every token where this model slides a window of {window}"
     return None
 
 
