@@ -274,7 +274,7 @@ def _budget_line(summary: dict) -> str:
 
 @app.command("imatrix")
 def imatrix_(
-    model: Annotated[str, typer.Argument(help="Built-in name or Hugging Face model dir (Llama, Qwen2).")],
+    model: Annotated[str, typer.Argument(help="Built-in name or Hugging Face model dir (a causal LM).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The imatrix file to write (GGUF).")],
     calibration_tokens: Annotated[
         int | None, typer.Option(help="Calibration tokens, in windows of 512 (default 2048).")

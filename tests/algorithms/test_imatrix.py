@@ -165,9 +165,14 @@ def test_a_file_for_another_model_is_refused():
         importance_for(model, plan, _entries(model, plan, drop=[q]), "f.gguf")
     with pytest.raises(LightenError, match="blk.1.attn_q.weight has 65 values but .* has 64 input columns"):
         importance_for(model, plan, _entries(model, plan, resize=[q]), "f.gguf")
-    gpt2 = tiny_model("gpt2")
-    with pytest.raises(LightenError, match="Llama and Qwen2"):
+    gpt2 = tiny_model("gpt2")  # named as the GGUF export names GPT-2's tensors
+    with pytest.raises(
+        LightenError, match=r"no entry for blk.0.attn_qkv.weight \(transformer.h.0.attn.c_attn"
+    ):
         importance_for(gpt2, make_plan(gpt2, "q4_0"), {}, "f.gguf")
+    bert = tiny_model("bert")
+    with pytest.raises(LightenError, match="models it exports to GGUF only"):
+        importance_for(bert, make_plan(bert, "q4_0"), {}, "f.gguf")
 
 
 @pytest.mark.real

@@ -26,6 +26,7 @@ from lighten.algorithms.registry import IMPORTANCE, Algorithm
 from lighten.errors import LightenError
 from lighten.formats import Format, QuantizedTensor
 from lighten.formats.ggml import GGMLFormat
+from lighten.models.arch import weight_out_in
 
 GGUF_MAGIC = b"GGUF"
 SUMS, COUNTS = ".in_sum2", ".counts"
@@ -140,12 +141,12 @@ def importance_for(
     theirs where the file has one (llama-imatrix collects output.weight only when asked)."""
     importance, missing = {}, []
     for name in plan:
-        gguf_name = llama_cpp_name(name)
+        gguf_name = llama_cpp_name(name, model)
         if gguf_name not in entries:
             if gguf_name.startswith("blk."):
                 missing.append(f"{gguf_name} ({name})")
             continue
-        columns = model.get_parameter(name).shape[-1]
+        columns = weight_out_in(model.get_submodule(name.removesuffix(".weight"))).shape[-1]
         if entries[gguf_name].shape != (columns,):
             raise LightenError(
                 f"{source}: {gguf_name} has {entries[gguf_name].size} values but {name} has {columns} input "
@@ -174,7 +175,7 @@ def collect_imatrix(
 
     names = {}
     for weight in matmul_weights(model, embeddings=False):
-        gguf_name = llama_cpp_name(weight)
+        gguf_name = llama_cpp_name(weight, model)
         if gguf_name.startswith("blk."):  # llama-imatrix skips output.weight unless asked
             names[weight.removesuffix(".weight")] = gguf_name
     stats = collect_input_stats(model, tokenizer, texts, n_tokens, context, names=list(names))
@@ -184,14 +185,16 @@ def collect_imatrix(
     )
 
 
-def llama_cpp_name(weight: str) -> str:
-    """The GGUF tensor name of a model's weight (blk.0.attn_q.weight), as the GGUF export names it."""
-    from lighten.export.gguf import gguf_tensor_name
+def llama_cpp_name(weight: str, model: torch.nn.Module | None = None) -> str:
+    """The GGUF tensor name of a weight of `model` (blk.0.attn_q.weight), as the GGUF export names it (a
+    Llama's without a model)."""
+    from lighten.export.gguf import ARCHS, gguf_tensor_name
 
+    arch, _ = ARCHS.get(type(model).__name__, ("llama", False))
     try:
-        return gguf_tensor_name(weight)
+        return gguf_tensor_name(weight, arch)
     except LightenError as e:
         raise LightenError(
-            f"imatrix files name llama.cpp's tensors, and lighten matches them for Llama-shaped models only "
-            f"({e})"
+            f"imatrix files name llama.cpp's tensors, and lighten names them for the models it exports to "
+            f"GGUF only ({e})"
         ) from e
