@@ -138,15 +138,9 @@ def _llama_view(model, base, layers, names) -> ModelView | None:
 def _gpt2_view(model, base, layers, names) -> ModelView | None:
     if not (hasattr(layers[0], "ln_1") and hasattr(layers[0].attn, "c_attn")):
         return None
-    blocks = [
-        Block(
-            _group(names, b.ln_1, b.attn.c_attn),
-            _named(names, b.attn.c_proj),
-            _group(names, b.ln_2, b.mlp.c_fc),
-            _named(names, b.mlp.c_proj),
-        )
-        for b in layers
-    ]
+    blocks = _fused_blocks(
+        layers, names, "ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"
+    )
     emb = dict([_named(names, base.wte), _named(names, base.wpe)])
     final = _group(names, base.ln_f, *_lm_head(model))
     n = model.config.n_head
@@ -157,19 +151,26 @@ def _neox_view(model, base, layers, names) -> ModelView | None:
     first = layers[0]
     if not (hasattr(first, "attention") and hasattr(first.attention, "query_key_value")):
         return None
-    blocks = [
-        Block(
-            _group(names, b.input_layernorm, b.attention.query_key_value),
-            _named(names, b.attention.dense),
-            _group(names, b.post_attention_layernorm, b.mlp.dense_h_to_4h),
-            _named(names, b.mlp.dense_4h_to_h),
-        )
-        for b in layers
-    ]
+    paths = ("input_layernorm", "attention.query_key_value", "attention.dense")
+    paths += ("post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    blocks = _fused_blocks(layers, names, *paths)
     emb = dict([_named(names, base.embed_in)])
     final = _group(names, base.final_layer_norm, *_lm_head(model))
     n = model.config.num_attention_heads
     return ModelView("neox", True, emb, blocks, final, n, n, model.config.hidden_size // n)
+
+
+def _fused_blocks(layers, names, attn_norm, qkv, o, mlp_norm, up, down) -> list[Block]:
+    """Blocks of one fused qkv matrix and one MLP input matrix, given the modules' paths in a block."""
+    return [
+        Block(
+            _group(names, b.get_submodule(attn_norm), b.get_submodule(qkv)),
+            _named(names, b.get_submodule(o)),
+            _group(names, b.get_submodule(mlp_norm), b.get_submodule(up)),
+            _named(names, b.get_submodule(down)),
+        )
+        for b in layers
+    ]
 
 
 def _bert_view(model, base, layers, names) -> ModelView | None:
