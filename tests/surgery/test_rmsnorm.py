@@ -8,8 +8,8 @@ from torch import nn
 
 from lighten.errors import ModelError
 from lighten.models.arch import model_view, norm_groups
+from lighten.norms.token import CRMSNorm
 from lighten.surgery import (
-    CRMSNorm,
     compress_rmsnorm,
     fold_norm_affine,
     layernorm_to_rmsnorm,

@@ -29,7 +29,6 @@ SURGERY_STEPS = {
 # The rewrites, loaded on first use: recipes check step names against SURGERY_STEPS without importing torch.
 _EXPORTS = {
     "apply_surgery": "apply",
-    "CRMSNorm": "rmsnorm",
     "compress_rmsnorm": "rmsnorm",
     "layernorm_to_rmsnorm": "rmsnorm",
     "fold_norm_affine": "fold",

@@ -13,6 +13,7 @@ from torch import nn
 
 from lighten.errors import ModelError
 from lighten.models.arch import model_view, norm_groups, weight_out_in
+from lighten.norms.token import CRMSNorm
 from lighten.surgery.fold import pre_norm_view, require_folded
 
 
@@ -40,22 +41,6 @@ def layernorm_to_rmsnorm(model: nn.Module) -> nn.Module:
         parent, _, child = group.name.rpartition(".")
         setattr(model.get_submodule(parent), child, rms)
     return model
-
-
-class CRMSNorm(nn.Module):
-    """Compressed RMSNorm: x holds the first d-1 coordinates of a zero-mean d-vector whose last one is -Σx;
-    normalizes that vector (its mean square is (Σx² + (Σx)²) / d) and returns it in the same d-1 form."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_square = (x.pow(2).sum(-1, keepdim=True) + x.sum(-1, keepdim=True).pow(2)) / self.dim
-        return x * torch.rsqrt(mean_square + self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.dim} -> {self.dim - 1}, eps={self.eps}"
 
 
 def compress_rmsnorm(model: nn.Module) -> nn.Module:
