@@ -169,6 +169,8 @@ def test_format_properties(spec, x):
     for dtype in (torch.float32, torch.bfloat16):
         y = fmt.fake_quantize(x.to(dtype))
         assert y.shape == x.shape and y.dtype == dtype
+    # fake_quantize skips the packing, and must not skip anything else
+    assert torch.equal(fmt.fake_quantize(x), x_hat)
 
 
 @pytest.mark.parametrize("spec", FORMATS)

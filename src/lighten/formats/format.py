@@ -112,6 +112,17 @@ class Format(Spec):  # the spec's fields and canonical name, parsed by lighten.f
         """Encode x. `scales` overrides the scale rule: the stored scale buffers to encode with (every
         layout buffer but codes, e.g. another quantize call's), so values beyond the grid saturate.
         Calibration uses it for scales chosen elsewhere: clipped (MSE search) or frozen (GPTQ)."""
+        tensors, codes = self._encode(x, scales)
+        if self.element is TERNARY:
+            packed = packing.pack_trits(codes)
+        else:
+            packed = packing.pack_bits(codes, self.element.bits)
+        return QuantizedTensor(self.name, tuple(x.shape), {"codes": packed, **tensors})
+
+    def _encode(
+        self, x: torch.Tensor, scales: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict, torch.Tensor]:
+        """(the scale buffers, the element codes (rows, K) unpacked) of x: quantize before packing."""
         rows, k, g, groups = self.geometry(tuple(x.shape))
         v = grouped(x.reshape(rows, k).float(), g, groups)
         if scales is None:
@@ -125,28 +136,29 @@ class Format(Spec):  # the spec's fields and canonical name, parsed by lighten.f
         # decoder sees the grid the encoder rounded to.
         scale, zero = self._scale_zero(tensors, rows, groups)
         codes = self.element.encode(v / torch.where(scale == 0, 1, scale)[..., None] + zero[..., None])
-        codes = codes.view(rows, groups * g)[:, :k]
-        if self.element is TERNARY:
-            packed = packing.pack_trits(codes)
-        else:
-            packed = packing.pack_bits(codes, self.element.bits)
-        return QuantizedTensor(self.name, tuple(x.shape), {"codes": packed, **tensors})
+        return tensors, codes.view(rows, groups * g)[:, :k]
 
     def dequantize(self, q: "QuantizedTensor", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantize_values(q, self.element.decode(self.codes(q))).to(dtype)
 
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(x)) without packing the codes in between: the same numbers, faster (QAT
+        runs it on every weight at every step)."""
+        tensors, codes = self._encode(x)
+        return self._weights(tuple(x.shape), tensors, self.element.decode(codes)).to(x.dtype)
+
     def dequantize_values(self, q: "QuantizedTensor", values: torch.Tensor) -> torch.Tensor:
         """q's fp32 weights from its element values (rows, K), e.g. decoded through a lookup table rather
         than element.decode: applies the zero-points and scales. dequantize is this after the decode."""
-        rows, k, g, groups = self.geometry(self._own(q).shape)
+        return self._weights(self._own(q).shape, q.tensors, values)
+
+    def _weights(self, shape: tuple, tensors: dict, values: torch.Tensor) -> torch.Tensor:
+        rows, k, g, groups = self.geometry(shape)
         v = grouped(values.reshape(rows, k), g, groups)
-        scale, zero = self.scale_zero(q)
+        scale, zero = self._scale_zero(tensors, rows, groups)
         if self.asym:  # the other formats' zero-points are all 0
             v = v - zero[..., None]
-        return (v * scale[..., None]).view(rows, groups * g)[:, :k].reshape(q.shape)
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequantize(self.quantize(x), x.dtype)
+        return (v * scale[..., None]).view(rows, groups * g)[:, :k].reshape(shape)
 
     # ---- reading the stored buffers: nothing outside formats/ parses them ---------------------------
 
