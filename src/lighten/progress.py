@@ -1,9 +1,11 @@
 """One progress bar style for every long loop (rich, on stderr so --json output stays clean)."""
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.progress import track as _rich_track
 
 T = TypeVar("T")
@@ -21,6 +23,16 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         transient=True,
         disable=not stderr.is_terminal,
     )
+
+
+@contextmanager
+def steps_bar(total: int, description: str, start: int = 0) -> Iterator[Callable[[str], None]]:
+    """A progress bar over `total` steps, `start` of them done already; yields advance(text), which counts
+    one step and shows `text` (a loss, a speed) beside the bar."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task(description, total=total, completed=start)
+        yield lambda text: progress.update(task, advance=1, description=text)
 
 
 def note(message: str) -> None:

@@ -1,0 +1,77 @@
+"""Lab training: a run stopped part-way resumes from its last checkpoint to the very weights of an
+uninterrupted run; the schedule by hand; a directory holding another run is refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lighten.errors import LightenError
+from lighten.lab import train as train_module
+from lighten.lab.model import LabConfig
+from lighten.lab.train import TrainSettings, learning_rate, load_lab_model, train_lab
+
+CONFIG = LabConfig(64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+STREAM = torch.randint(0, 64, (4096,), generator=torch.Generator().manual_seed(0))
+
+
+def settings(**overrides) -> TrainSettings:
+    return TrainSettings(**(dict(steps=6, batch=4, context=16, checkpoint_every=2) | overrides))
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    straight = train_lab(CONFIG, settings(), tmp_path / "straight", STREAM)
+
+    real_batch_at = train_module.batch_at
+
+    def killed_at_step_5(stream, step, *args):
+        if step == 5:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: the checkpoint of step 4
+        return real_batch_at(stream, step, *args)
+
+    monkeypatch.setattr(train_module, "batch_at", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_lab(CONFIG, settings(), tmp_path / "resumed", STREAM)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    seen = []
+
+    def recording(stream, step, *args):
+        seen.append(step)
+        return real_batch_at(stream, step, *args)
+
+    monkeypatch.setattr(train_module, "batch_at", recording)
+    resumed = train_lab(CONFIG, settings(), tmp_path / "resumed", STREAM)
+    assert seen == [4, 5]  # from the checkpoint of step 4 on, not from the start
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = json.loads((resumed / "lab.json").read_text())["loss"]
+    assert log == json.loads((straight / "lab.json").read_text())["loss"] and len(log) == 6
+
+
+def test_qat_run_saves_plain_weights_that_load(tmp_path):
+    run = train_lab(CONFIG, settings(qat="ternary", qat_activations="int8:channel"), tmp_path / "q", STREAM)
+    model = load_lab_model(run)
+    assert model(STREAM[None, :16]).shape == (1, 16, 64)
+
+
+def test_another_run_in_the_same_directory_is_refused(tmp_path):
+    train_lab(CONFIG, settings(steps=2), tmp_path / "run", STREAM)
+    with pytest.raises(LightenError, match="holds another lab run"):
+        train_lab(CONFIG, settings(steps=3), tmp_path / "run", STREAM)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(LightenError, match="not empty and holds no lab run"):
+        train_lab(CONFIG, settings(), tmp_path / "mine", STREAM)
+    with pytest.raises(LightenError, match="no trained lab model"):
+        load_lab_model(tmp_path / "mine")
+
+
+def test_learning_rate_schedule_by_hand():
+    s = TrainSettings(steps=100, lr=1.0)  # warmup: the first 10 steps
+    assert learning_rate(0, s) == pytest.approx(0.1)
+    assert learning_rate(9, s) == pytest.approx(1.0)
+    assert learning_rate(10, s) == pytest.approx(1.0)  # cosine from the peak ...
+    assert learning_rate(55, s) == pytest.approx(0.55)  # ... halfway: 0.1 + 0.9 / 2
+    assert learning_rate(100, s) == pytest.approx(0.1)  # ... to a tenth of it
