@@ -419,6 +419,58 @@ def demo(
     out.print(f"results in {results[0]} and {results[1]}")
 
 
+lab = typer.Typer(
+    no_args_is_help=True, help="The normalization lab: small LMs trained with the seeds' norms."
+)
+app.add_typer(lab, name="lab")
+
+
+@lab.command("train")
+def lab_train(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The run directory (resumed if stopped).")],
+    norm: Annotated[str, typer.Option(help="layernorm, rmsnorm, single_scale_rmsnorm, powernorm, ...")] = (
+        "rmsnorm"
+    ),
+    placement: Annotated[str, typer.Option(help="pre, post, peri or mix (Mix-LN).")] = "pre",
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+    layernorm_scaling: Annotated[bool, typer.Option(help="Scale pre-norm outputs by 1/sqrt(layer).")] = False,
+    embedding_projection: Annotated[bool, typer.Option(help="OSP's learnable embedding projection.")] = False,
+    clipped_softmax: Annotated[float | None, typer.Option(help="Clipped softmax with this alpha.")] = None,
+    gated_attention: Annotated[bool, typer.Option(help="A sigmoid gate on each head's output.")] = False,
+    qat: Annotated[str | None, typer.Option(help="Train against this weight format (QAT).")] = None,
+    qat_activations: Annotated[str | None, typer.Option(help="...and this activation format.")] = None,
+    bitnet: Annotated[
+        bool, typer.Option(help="BitNet b1.58 QAT: ternary weights, int8 activations.")
+    ] = False,
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 256,
+    layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 6,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    context: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the batches.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+):
+    """Train a small Llama-shaped LM on the Wikipedia calibration split; a stopped run resumes where its
+    last checkpoint left it when the same command runs again."""
+    from lighten.lab.qat import BITNET
+    from lighten.lab.train import TrainSettings, train_on_wikipedia
+
+    if bitnet:
+        qat, qat_activations = BITNET
+    settings = TrainSettings(steps, batch, context, lr, seed, checkpoint_every, qat, qat_activations)
+    options = dict(norm=norm, placement=placement, layernorm_scaling=layernorm_scaling)
+    options |= dict(embedding_projection=embedding_projection, clipped_softmax_alpha=clipped_softmax)
+    options |= dict(gated_attention=gated_attention, hidden_size=hidden, num_hidden_layers=layers)
+    options |= dict(num_attention_heads=heads)
+    try:
+        run = train_on_wikipedia(output, settings, **options)
+    except Interrupted:
+        err.print(f"interrupted: run the same command again to resume from the last checkpoint in {output}")
+        sys.exit(130)
+    out.print(f"trained {run}")
+
+
 def _describe_data(data: dict) -> str:
     if "n_tokens" in data:
         return f"{data['corpus']}, {data['n_tokens']} tokens, context {data['context']}"

@@ -6,6 +6,7 @@ run sees exactly the batches an uninterrupted one would."""
 import hashlib
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lighten.atomic import atomic_file
@@ -40,12 +41,22 @@ def lab_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
 
 
 def token_stream(split: str, tokenizer: Tokenizer) -> torch.Tensor:
-    """Every article of `split` in order, each followed by END_OF_TEXT, as one int64 tensor of token ids."""
+    """Every article of `split` in order, each followed by END_OF_TEXT, as one int64 tensor of token ids
+    (cached in $LIGHTEN_CACHE/lab beside the tokenizer it was made with)."""
+    texts = wiki_texts(split)
+    key = hashlib.sha256(("\n".join(texts) + tokenizer.to_str()).encode()).hexdigest()[:16]
+    path = cache_dir() / "lab" / f"tokens-{split}-{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["ids"]
     eot = tokenizer.token_to_id(END_OF_TEXT)
     ids = []
-    for encoding in tokenizer.encode_batch(wiki_texts(split)):
+    for encoding in tokenizer.encode_batch(texts):
         ids += [*encoding.ids, eot]
-    return torch.tensor(ids, dtype=torch.long)
+    stream = torch.tensor(ids, dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, force=True, is_ours=lambda p: True) as tmp:
+        save_file({"ids": stream}, tmp)
+    return stream
 
 
 def batch_at(stream: torch.Tensor, step: int, batch: int, context: int, seed: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ class LabConfig:
     hidden_size: int = 256
     num_hidden_layers: int = 6
     num_attention_heads: int = 4
-    intermediate_size: int = 688
+    intermediate_size: int | None = None  # Llama's 8/3 · hidden (a 4x GELU MLP's parameters), to 16s
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"
@@ -48,6 +48,8 @@ class LabConfig:
     train_steps: int = 0  # the training length, for norms with a schedule (PRepBN)
 
     def __post_init__(self):
+        if self.intermediate_size is None:
+            self.intermediate_size = -(-8 * self.hidden_size // 3 // 16) * 16
         if self.norm not in NORMS:
             raise LightenError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
         if self.placement not in PLACEMENTS:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from lighten.atomic import MARKER, atomic_file, make_output_dir
 from lighten.errors import LightenError
-from lighten.lab.data import batch_at
+from lighten.lab.data import batch_at, lab_tokenizer, token_stream
 from lighten.lab.model import LabConfig, LabModel
 from lighten.lab.qat import plain_linears, prepare_qat
 from lighten.progress import steps_bar
@@ -92,6 +92,14 @@ def train_lab(config: LabConfig, settings: TrainSettings, out: str | Path, strea
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"format": "pt"})
     _write_json(out / SETTINGS, described | {"loss": log})
     return out
+
+
+def train_on_wikipedia(out: str | Path, settings: TrainSettings, **model_options) -> Path:
+    """train_lab on the calibration split in the lab's BPE (lighten.lab.data), with LabConfig(**options)."""
+    tokenizer = lab_tokenizer()
+    positions = {"max_position_embeddings": max(512, settings.context + 1)}
+    config = LabConfig(tokenizer.get_vocab_size(), train_steps=settings.steps, **(positions | model_options))
+    return train_lab(config, settings, out, token_stream("calibration", tokenizer))
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
