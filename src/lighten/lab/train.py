@@ -3,7 +3,7 @@
 A run directory holds
     lab.json                the model config, the training settings and, when done, the loss log
     checkpoint.safetensors  model, optimizer state and step, every `checkpoint_every` steps (atomically:
-                            a kill loses at most that interval; the run resumes from it)
+                            a kill loses at most that interval; the run resumes from it); removed at the end
     model.safetensors       the trained weights (fp32; with QAT the full-precision weights it trained)
 
 Batches depend on the step alone (lighten.lab.data.batch_at) and the model's initial weights on the seed,
@@ -91,6 +91,7 @@ def train_lab(config: LabConfig, settings: TrainSettings, out: str | Path, strea
     with atomic_file(out / WEIGHTS, force=True, is_ours=lambda p: True) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"format": "pt"})
     _write_json(out / SETTINGS, described | {"loss": log})
+    (out / CHECKPOINT).unlink(missing_ok=True)  # done: model.safetensors and lab.json are the run
     return out
 
 
