@@ -471,6 +471,32 @@ def lab_train(
     out.print(f"trained {run}")
 
 
+@lab.command("report")
+def lab_report_(
+    runs: Annotated[list[Path], typer.Argument(help="Finished run directories of `lighten lab train`.")],
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = 16384,
+    calibration_tokens: Annotated[int, typer.Option(help="Tokens for statistics and GPTQ.")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Each run's held-out perplexity in fp32, W8A8, 4-bit RTN and 4-bit GPTQ, and its worst outliers."""
+    from lighten.lab.report import lab_report
+
+    reports = [lab_report(run, eval_tokens, calibration_tokens) for run in runs]
+    if as_json:
+        return _print_json(reports)
+    headers = ["run", "norm", "placement", *reports[0]["perplexity"], "max kurtosis", "max max/median"]
+    headers.append("residual absmax")
+    rows = [
+        [r["run"], r["config"]["norm"], r["config"]["placement"]]
+        + [f"{p:.2f}" for p in r["perplexity"].values()]
+        + [f"{v:.1f}" for v in r["summary"].values()]
+        for r in reports
+    ]
+    _print_table(
+        "lab runs (held-out Wikipedia perplexity; outliers of the block linears' inputs)", headers, rows
+    )
+
+
 def _describe_data(data: dict) -> str:
     if "n_tokens" in data:
         return f"{data['corpus']}, {data['n_tokens']} tokens, context {data['context']}"

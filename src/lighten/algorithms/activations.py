@@ -161,6 +161,17 @@ def collect_input_stats(
     first `n_tokens` tokens of `texts` (see token_windows). `samples` > 0 also keeps about that many evenly
     spaced token rows of each input. A module called twice per forward counts both calls."""
     windows = token_windows(tokenizer, texts, n_tokens, context)
+    return window_input_stats(model, windows, names, threshold, samples)
+
+
+def window_input_stats(
+    model: nn.Module,
+    windows: list[torch.Tensor],
+    names: list[str] | None = None,
+    threshold: float = OUTLIER_THRESHOLD,
+    samples: int = 0,
+) -> dict[str, InputStats]:
+    """collect_input_stats over token windows given as [tokens] id tensors."""
     if names is None:
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
     names = list(dict.fromkeys(names))  # a second hook on the same module would count every token twice

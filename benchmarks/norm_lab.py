@@ -1,0 +1,95 @@
+"""The experiment the normalization seeds claim: with the same data, steps, seed and size, do Peri-LN,
+LayerNorm Scaling, OSP, Mix-LN, clipped softmax or gated attention give lower kurtosis and a smaller
+quantization loss than Pre-LN at equal fp32 quality? And does ternary QAT beat ternary PTQ?
+
+Each kind is a `lighten lab train` run (resumable: a rerun skips finished runs and resumes stopped ones)
+followed by `lighten lab report`; prints one markdown table (and writes it with the reports' JSON).
+
+    .venv/bin/python benchmarks/norm_lab.py [--steps 300] [--seeds 0 1] [--kinds pre-rmsnorm peri ...]
+        [--out out/norm-lab]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from lighten import formats
+from lighten.lab.data import lab_tokenizer, token_stream
+from lighten.lab.qat import BITNET
+from lighten.lab.report import lab_report, perplexity, windows_of
+from lighten.lab.train import TrainSettings, load_lab_model, train_on_wikipedia
+
+# kind -> (LabConfig options, QAT (weights, activations) or None)
+KINDS = {
+    "pre-rmsnorm": (dict(norm="rmsnorm", placement="pre"), None),
+    "pre-layernorm": (dict(norm="layernorm", placement="pre"), None),
+    "post-layernorm": (dict(norm="layernorm", placement="post"), None),
+    "mix-ln": (dict(norm="layernorm", placement="mix"), None),
+    "peri-ln": (dict(norm="rmsnorm", placement="peri"), None),
+    "ln-scaling": (dict(norm="rmsnorm", placement="pre", layernorm_scaling=True), None),
+    "osp": (dict(norm="single_scale_rmsnorm", placement="pre", embedding_projection=True), None),
+    "powernorm": (dict(norm="powernorm", placement="pre"), None),
+    "unified": (dict(norm="unified", placement="pre"), None),
+    "prepbn": (dict(norm="prepbn", placement="pre"), None),
+    "clipped-softmax": (dict(norm="rmsnorm", placement="pre", clipped_softmax_alpha=4.0), None),
+    "gated-attention": (dict(norm="rmsnorm", placement="pre", gated_attention=True), None),
+    "bitnet-qat": (dict(norm="rmsnorm", placement="pre"), BITNET),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--out", type=Path, default=Path("out/norm-lab"))
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    args = parser.parse_args()
+
+    reports = []
+    for kind in args.kinds:
+        options, qat = KINDS[kind]
+        for seed in args.seeds:
+            settings = TrainSettings(
+                args.steps, seed=seed, qat=qat and qat[0], qat_activations=qat and qat[1]
+            )
+            run = train_on_wikipedia(args.out / f"{kind}-seed{seed}", settings, **options)
+            report = lab_report(run, args.eval_tokens)
+            report["kind"], report["ternary_ptq"] = kind, _ternary_ptq(run, args.eval_tokens)
+            reports.append(report)
+            print(_row(report), flush=True)
+    table = "\n".join([HEADER, "|---" * (HEADER.count("|") - 1) + "|", *map(_row, reports)])
+    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(json.dumps(reports, indent=1))
+    print(table)
+
+
+HEADER = (
+    "| kind | seed | fp32 ppl | W8A8 | W4 RTN | W4 GPTQ | ternary (PTQ) | max kurtosis | max max/median "
+    "| residual absmax |"
+)
+
+
+def _ternary_ptq(run: Path, eval_tokens: int) -> float:
+    """Held-out perplexity with every block linear's weight rounded to ternary (the zoo's, per tensor)."""
+    model = load_lab_model(run)
+    ternary = formats.get("ternary")
+    for name, module in model.named_modules():
+        if name.startswith("layers.") and hasattr(module, "weight") and module.weight.ndim == 2:
+            module.weight.data = ternary.fake_quantize(module.weight.data)
+    tokenizer = lab_tokenizer(model.config.vocab_size)
+    context = json.loads((run / "lab.json").read_text())["settings"]["context"]
+    return perplexity(model, windows_of(token_stream("evaluation", tokenizer)[:eval_tokens], context))
+
+
+def _row(r: dict) -> str:
+    p, s = r["perplexity"], r["summary"]
+    cells = [r["kind"], r["settings"]["seed"], *(f"{p[k]:.2f}" for k in p), f"{r['ternary_ptq']:.4g}"]
+    cells += [f"{s['max_kurtosis']:.1f}", f"{s['max_max_median']:.1f}", f"{s['residual_absmax']:.1f}"]
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+if __name__ == "__main__":
+    main()

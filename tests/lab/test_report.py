@@ -1,0 +1,40 @@
+"""lighten lab report: perplexity by its definition, and the report of a (barely) trained run."""
+
+import json
+import math
+
+import torch
+from cli_helpers import assert_refused, lighten
+from torch import nn
+
+from lighten.lab.report import perplexity
+
+SMALL = ["--hidden", 32, "--layers", 2, "--heads", 2, "--batch", 2, "--context", 16]
+
+
+class Uniform(nn.Module):
+    """Logits all equal: every next token has probability 1 / vocab, so the perplexity is the vocab size."""
+
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, 50)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    windows = [torch.randint(0, 50, (16,)) for _ in range(3)]
+    assert math.isclose(perplexity(Uniform(), windows), 50.0, rel_tol=1e-6)
+
+
+def test_report_of_a_run(tmp_path):
+    run = tmp_path / "run"
+    assert lighten("lab", "train", "-o", run, "--steps", 2, *SMALL).returncode == 0
+    result = lighten("lab", "report", run, "--json", "--eval-tokens", 512, "--calibration-tokens", 256)
+    assert result.returncode == 0, result.stderr
+    (report,) = json.loads(result.stdout)
+    assert list(report["perplexity"]) == ["fp32", "W8A8", "W4 RTN", "W4 GPTQ"]
+    assert all(math.isfinite(p) and p > 1 for p in report["perplexity"].values())
+    assert report["perplexity"]["W4 RTN"] != report["perplexity"]["fp32"]  # the weights did change
+    assert [layer["block"] for layer in report["layers"]] == [0, 1]
+    assert report["config"]["hidden_size"] == 32 and report["summary"]["residual_absmax"] > 0
+    table = lighten("lab", "report", run, "--eval-tokens", 512, "--calibration-tokens", 256)
+    assert table.returncode == 0 and "W4 GPTQ" in table.stdout
+    assert_refused(lighten("lab", "report", tmp_path), "no trained lab model")
