@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--out", type=Path, default=Path("out/norm-lab"))
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--from-json", action="store_true", help="table and figure of OUT/results.json")
     args = parser.parse_args()
+    if args.from_json:
+        return _write_results(json.loads((args.out / "results.json").read_text()), args.out)
 
     reports = []
     for kind in args.kinds:
@@ -60,9 +63,43 @@ def main() -> None:
             report["kind"], report["ternary_ptq"] = kind, _ternary_ptq(run, args.eval_tokens)
             reports.append(report)
             print(_row(report), flush=True)
+    _write_results(reports, args.out)
+
+
+def _write_results(reports: list[dict], out: Path) -> None:
+    """results.md (the table), results.json and results.png: per-block kurtosis, quantized / fp32 ppl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
     table = "\n".join([HEADER, "|---" * (HEADER.count("|") - 1) + "|", *map(_row, reports)])
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(reports, indent=1))
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(reports, indent=1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in reports:
+        worst = [max(v for k, v in layer.items() if k.endswith("_kurtosis")) for layer in r["layers"]]
+        left.plot(
+            range(1, len(worst) + 1), worst, marker="o", label=f"{r['kind']} (seed {r['settings']['seed']})"
+        )
+    left.set(yscale="log", xlabel="block", ylabel="largest excess kurtosis of a linear's input")
+    left.legend(fontsize=7)
+    schemes = ["W8A8", "W4 RTN", "W4 GPTQ"]
+    width = 0.8 / len(schemes)
+    for i, scheme in enumerate(schemes):
+        ratios = [r["perplexity"][scheme] / r["perplexity"]["fp32"] for r in reports]
+        right.bar([j + i * width for j in range(len(reports))], ratios, width, label=scheme)
+    right.set_xticks(
+        [j + width for j in range(len(reports))], [r["kind"] for r in reports], rotation=45, ha="right"
+    )
+    right.set(ylabel="perplexity / fp32 perplexity", ylim=(0.99, None))
+    right.legend()
+    steps = reports[0]["settings"]["steps"]
+    fig.suptitle(
+        f"lab models (6.8 M parameters, {steps} steps, held-out Wikipedia; random init, trained here)"
+    )
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
     print(table)
 
 
