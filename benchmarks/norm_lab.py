@@ -94,10 +94,9 @@ def _write_results(reports: list[dict], out: Path) -> None:
     )
     right.set(ylabel="perplexity / fp32 perplexity", ylim=(0.99, None))
     right.legend()
-    steps = reports[0]["settings"]["steps"]
-    fig.suptitle(
-        f"lab models (6.8 M parameters, {steps} steps, held-out Wikipedia; random init, trained here)"
-    )
+    c, steps = reports[0]["config"], reports[0]["settings"]["steps"]
+    size = f"{c['num_hidden_layers']} blocks of {c['hidden_size']}"
+    fig.suptitle(f"lab models ({size}, {steps} steps on Wikipedia, trained here); held-out perplexity")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=110)
     print(table)
