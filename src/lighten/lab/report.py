@@ -24,8 +24,12 @@ from lighten.progress import track
 
 W8A8 = "int8:channel"  # weights per output channel; activations per token (dynamic)
 W4 = "int4:g128"
-SITES = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj"}
-SITES |= {"mlp_out": "mlp.down_proj"}
+SITES = {  # what each of a block's four distinct linear inputs is, and the linear that reads it
+    "attn_in": "self_attn.q_proj",
+    "attn_out": "self_attn.o_proj",
+    "mlp_in": "mlp.gate_proj",
+    "mlp_out": "mlp.down_proj",
+}
 
 
 def lab_report(run: str | Path, eval_tokens: int = 16384, calibration_tokens: int = 4096) -> dict:
