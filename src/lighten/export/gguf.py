@@ -37,7 +37,8 @@ from lighten.atomic import atomic_file, check_output
 from lighten.errors import LightenError
 from lighten.formats import QuantizedTensor
 from lighten.formats.ggml import GGMLFormat
-from lighten.models.arch import gain_offset, model_view, norm_gain
+from lighten.models.arch import ModelView, gain_offset, model_view, norm_gain
+from lighten.models.limits import sliding_window
 from lighten.progress import note
 
 # The gguf package is an optional extra (lighten[models]); importing it here keeps the error at one place.
@@ -193,9 +194,10 @@ def export_gguf(
         writer.add_quantized_by(QUANTIZED_BY)
         writer.add_file_type(_file_type(qtype, blocks))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_hparams(writer, config, model_view(model).num_kv_heads)
+        view = model_view(model)
+        _add_hparams(writer, config, view.num_kv_heads)
         _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
-        for gguf_name, data, data_type in _gguf_tensors(model, arch, permute, tied, blocks):
+        for gguf_name, data, data_type in _gguf_tensors(model, view, arch, permute, tied, blocks):
             if data_type is None:  # not carried over: encode it
                 data_type = _tensor_type(gguf_name == output, data, QTYPES[qtype][0])
                 data = _encode(data, data_type)
@@ -216,12 +218,13 @@ def is_lighten_gguf(path: Path) -> bool:
     return field is not None and field.contents() == QUANTIZED_BY
 
 
-def _gguf_tensors(model, arch: str, permute: bool, tied: bool, blocks: dict[str, QuantizedTensor]):
+def _gguf_tensors(
+    model, view: ModelView, arch: str, permute: bool, tied: bool, blocks: dict[str, QuantizedTensor]
+):
     """(GGUF name, data, ggml type) for every weight: a weight in `blocks` as its blocks (uint8 rows) and
     their type, any other as float32 with type None (to be encoded); q/k rows re-ordered for llama.cpp's
     rope, which for blocks moves whole rows of bytes and so stays exact."""
-    config = model.config
-    heads = {".attn_q.": config.num_attention_heads, ".attn_k.": getattr(config, "num_key_value_heads", 0)}
+    heads = {".attn_q.": view.num_heads, ".attn_k.": view.num_kv_heads}
     conv1d = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
     gains = {
         f"{name}.weight": norm_gain(m)
@@ -245,7 +248,7 @@ def _gguf_tensors(model, arch: str, permute: bool, tied: bool, blocks: dict[str,
             if permute and part in gguf_name:
                 data = permute_rope(data, n_heads)
         if arch == "gptneox" and ".attn_qkv." in gguf_name:
-            data = _qkv_by_kind(data, config.num_attention_heads)
+            data = _qkv_by_kind(data, view.num_heads)
         yield gguf_name, data, data_type
 
 
@@ -366,9 +369,7 @@ def _add_hparams(writer, config, kv_heads: int) -> None:
 def unapplied_window(config) -> int | None:
     """The sliding window of a model whose GGUF architecture llama.cpp runs with full attention (Mistral
     v0.1 as "llama"), or None; llama.cpp's gemma2 / gemma3 graphs apply theirs."""
-    if config.model_type in ("gemma2", "gemma3_text") or not getattr(config, "use_sliding_window", True):
-        return None
-    return getattr(config, "sliding_window", None)
+    return None if config.model_type in ("gemma2", "gemma3_text") else sliding_window(config)
 
 
 def _add_gemma_hparams(writer, config, head_dim: int, ropes: dict) -> None:

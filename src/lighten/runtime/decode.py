@@ -31,6 +31,7 @@ from transformers.activations import SiLUActivation
 
 from lighten.errors import ModelError
 from lighten.models.arch import Block, model_view
+from lighten.models.limits import sliding_window
 from lighten.runtime.ggml import GGMLFunction, ggml_owns_cores
 from lighten.runtime.linear import GGMLLinear, PackedLinear
 
@@ -132,8 +133,8 @@ class Decoder:
         rope_type = getattr(base.rotary_emb, "rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ModelError(f"RoPE type {rope_type!r} depends on the sequence length; use model.generate")
-        window = getattr(model.config, "sliding_window", None)
-        if window and getattr(model.config, "use_sliding_window", True) and window < max_len:
+        window = sliding_window(model.config)
+        if window and window < max_len:
             # within the window sliding attention is full attention, which is all this decoder computes
             raise ModelError(
                 f"this {model.config.model_type} model attends to a sliding window of {window} tokens, fewer "
