@@ -69,12 +69,14 @@ def save_checkpoint(
     recipe=None,
     allocation: list[dict] | None = None,
     budget: dict | None = None,
+    finetune: dict | None = None,
 ) -> Path:
     """Write a quantized model atomically; returns the output directory.
 
     The manifest records the `recipe` that made it (surgery steps, algorithm, rules, budget), and the
     `allocation` table of a budgeted plan with the `budget` summary of what it counted and achieved
-    (lighten.plan.budget_plan). The model's own config is saved, since surgery may change it
+    (lighten.plan.budget_plan), and the `finetune` run that trained its weights, if one did
+    (lighten.lab.finetune). The model's own config is saved, since surgery may change it
     (folding unties lm_head)."""
     require_reloadable(model)
     state = model.state_dict()
@@ -101,6 +103,7 @@ def save_checkpoint(
         "recipe": dataclasses.asdict(recipe) if recipe is not None else None,
         "allocation": allocation,
         "budget": budget,
+        "finetune": finetune,
         "tensors": manifest_tensors,
     }
     with atomic_dir(out_dir, force=force, inputs=[source_dir]) as tmp:
@@ -138,7 +141,7 @@ def _manifest_problem(manifest) -> str | None:
         return '"source" must be {"model": str, "path": str}'
     if manifest.get("kind") not in ("causal", "encoder"):
         return '"kind" must be "causal" or "encoder"'
-    for key, kind in (("recipe", dict), ("allocation", list), ("budget", dict)):
+    for key, kind in (("recipe", dict), ("allocation", list), ("budget", dict), ("finetune", dict)):
         if not isinstance(manifest.get(key), kind | None):
             return f'"{key}" must be a {kind.__name__} or null'
     tensors = manifest.get("tensors")

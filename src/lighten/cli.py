@@ -272,6 +272,38 @@ def _budget_line(summary: dict) -> str:
     return line
 
 
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="smollm2-135m or a causal LM's Hugging Face directory.")],
+    qat: Annotated[
+        str, typer.Option(help="The weight format to train through and write (ternary, int2:g32...).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 100,
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
+    context: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warmup 10 %, cosine to a tenth).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints of the training.")] = 10,
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
+):
+    """Quantization-aware fine-tuning: train the weights through the format's rounding, distilled from the
+    model itself (KL to its next-token distribution on the Wikipedia calibration split), and save the
+    quantized checkpoint. A stopped run resumes from OUTPUT.training when the same command runs again."""
+    from lighten.lab.finetune import FinetuneSettings, finetune_to_dir, training_dir
+
+    settings = FinetuneSettings(qat, steps, batch, context, lr, seed, checkpoint_every)
+    try:
+        saved = finetune_to_dir(model, settings, output, force)
+    except Interrupted:
+        err.print(
+            f"interrupted: run the same command again to resume from the last checkpoint in "
+            f"{training_dir(output)}"
+        )
+        sys.exit(130)
+    out.print(f"wrote {saved}")
+
+
 @app.command("imatrix")
 def imatrix_(
     model: Annotated[str, typer.Argument(help="Built-in name or Hugging Face model dir (a causal LM).")],

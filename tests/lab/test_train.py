@@ -69,9 +69,9 @@ def test_another_run_in_the_same_directory_is_refused(tmp_path):
 
 
 def test_learning_rate_schedule_by_hand():
-    s = TrainSettings(steps=100, lr=1.0)  # warmup: the first 10 steps
-    assert learning_rate(0, s) == pytest.approx(0.1)
-    assert learning_rate(9, s) == pytest.approx(1.0)
-    assert learning_rate(10, s) == pytest.approx(1.0)  # cosine from the peak ...
-    assert learning_rate(55, s) == pytest.approx(0.55)  # ... halfway: 0.1 + 0.9 / 2
-    assert learning_rate(100, s) == pytest.approx(0.1)  # ... to a tenth of it
+    steps, peak = 100, 1.0  # warmup: the first 10 steps
+    assert learning_rate(0, steps, peak) == pytest.approx(0.1)
+    assert learning_rate(9, steps, peak) == pytest.approx(1.0)
+    assert learning_rate(10, steps, peak) == pytest.approx(1.0)  # cosine from the peak ...
+    assert learning_rate(55, steps, peak) == pytest.approx(0.55)  # ... halfway: 0.1 + 0.9 / 2
+    assert learning_rate(100, steps, peak) == pytest.approx(0.1)  # ... to a tenth of it

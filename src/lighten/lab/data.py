@@ -40,17 +40,18 @@ def lab_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     return tokenizer
 
 
-def token_stream(split: str, tokenizer: Tokenizer) -> torch.Tensor:
-    """Every article of `split` in order, each followed by END_OF_TEXT, as one int64 tensor of token ids
-    (cached in $LIGHTEN_CACHE/lab beside the tokenizer it was made with)."""
+def token_stream(split: str, tokenizer: Tokenizer, separator: str = END_OF_TEXT) -> torch.Tensor:
+    """Every article of `split` in order, each followed by the token `separator`, as one int64 tensor of
+    token ids (cached in $LIGHTEN_CACHE/lab beside the tokenizer it was made with). A Hugging Face
+    tokenizer's is its backend_tokenizer, with its eos_token as the separator."""
     texts = wiki_texts(split)
-    key = hashlib.sha256(("\n".join(texts) + tokenizer.to_str()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(("\n".join(texts) + tokenizer.to_str() + separator).encode()).hexdigest()[:16]
     path = cache_dir() / "lab" / f"tokens-{split}-{key}.safetensors"
     if path.is_file():
         return load_file(path)["ids"]
-    eot = tokenizer.token_to_id(END_OF_TEXT)
+    eot = tokenizer.token_to_id(separator)
     ids = []
-    for encoding in tokenizer.encode_batch(texts):
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
         ids += [*encoding.ids, eot]
     stream = torch.tensor(ids, dtype=torch.long)
     path.parent.mkdir(parents=True, exist_ok=True)
