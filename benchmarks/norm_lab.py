@@ -13,11 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from lighten import formats
-from lighten.lab.data import lab_tokenizer, token_stream
 from lighten.lab.qat import BITNET
-from lighten.lab.report import lab_report, perplexity, windows_of
-from lighten.lab.train import TrainSettings, load_lab_model, train_on_wikipedia
+from lighten.lab.report import lab_report
+from lighten.lab.train import TrainSettings, train_on_wikipedia
 
 # kind -> (LabConfig options, QAT (weights, activations) or None)
 KINDS = {
@@ -60,7 +58,7 @@ def main() -> None:
             )
             run = train_on_wikipedia(args.out / f"{kind}-seed{seed}", settings, **options)
             report = lab_report(run, args.eval_tokens)
-            report["kind"], report["ternary_ptq"] = kind, _ternary_ptq(run, args.eval_tokens)
+            report["kind"] = kind
             reports.append(report)
             print(_row(report), flush=True)
     _write_results(reports, args.out)
@@ -103,26 +101,14 @@ def _write_results(reports: list[dict], out: Path) -> None:
 
 
 HEADER = (
-    "| kind | seed | fp32 ppl | W8A8 | W4 RTN | W4 GPTQ | ternary (PTQ) | max kurtosis | max max/median "
+    "| kind | seed | fp32 ppl | W8A8 | W4 RTN | W4 GPTQ | ternary RTN | max kurtosis | max max/median "
     "| residual absmax |"
 )
 
 
-def _ternary_ptq(run: Path, eval_tokens: int) -> float:
-    """Held-out perplexity with every block linear's weight rounded to ternary (the zoo's, per tensor)."""
-    model = load_lab_model(run)
-    ternary = formats.get("ternary")
-    for name, module in model.named_modules():
-        if name.startswith("layers.") and hasattr(module, "weight") and module.weight.ndim == 2:
-            module.weight.data = ternary.fake_quantize(module.weight.data)
-    tokenizer = lab_tokenizer(model.config.vocab_size)
-    context = json.loads((run / "lab.json").read_text())["settings"]["context"]
-    return perplexity(model, windows_of(token_stream("evaluation", tokenizer)[:eval_tokens], context))
-
-
 def _row(r: dict) -> str:
     p, s = r["perplexity"], r["summary"]
-    cells = [r["kind"], r["settings"]["seed"], *(f"{p[k]:.2f}" for k in p), f"{r['ternary_ptq']:.4g}"]
+    cells = [r["kind"], r["settings"]["seed"], *(f"{p[k]:.4g}" for k in p)]
     cells += [f"{s['max_kurtosis']:.1f}", f"{s['max_max_median']:.1f}", f"{s['residual_absmax']:.1f}"]
     return "| " + " | ".join(map(str, cells)) + " |"
 

@@ -39,8 +39,8 @@ class FinetuneSettings:
     qat: str  # the weight format trained through, and written
     steps: int
     batch: int = 4
-    context: int = 256
-    lr: float = 1e-4
+    context: int = 128
+    lr: float = 3e-4
     seed: int = 0
     checkpoint_every: int = 10
 

@@ -168,6 +168,11 @@ class LabModel(nn.Module):
         self.register_buffer("cos", angles.cos().repeat(1, 2), persistent=False)
         self.register_buffer("sin", angles.sin().repeat(1, 2), persistent=False)
 
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output head, as transformers names it: QAT (lighten.lab.qat) leaves it in full precision, as
+        BitNet b1.58 does, and so does the report's quantization."""
+        return self.lm_head
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         t = input_ids.shape[1]
         if t > self.config.max_position_embeddings:

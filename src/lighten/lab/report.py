@@ -1,5 +1,6 @@
 """What a lab model's normalization did to quantization: its held-out perplexity in fp32 and after W8A8,
-4-bit round-to-nearest and 4-bit GPTQ, and the outliers of what each layer's linears read.
+4-bit round-to-nearest, 4-bit GPTQ and ternary rounding (BitNet b1.58's weights: what a model trained
+with --bitnet computes with), and the outliers of what each layer's linears read.
 
 Per block: the excess kurtosis and max/median of the per-channel absmax (inspect's two outlier measures)
 of the inputs of q/k/v (the attention's norm output), o, gate/up (the MLP's norm output) and down, and the
@@ -62,6 +63,7 @@ def lab_report(run: str | Path, eval_tokens: int = 16384, calibration_tokens: in
         h.remove()
     ppl["W4 RTN"] = perplexity(_rtn(model, linears, W4), held_out)
     ppl["W4 GPTQ"] = perplexity(_gptq(model, calibration, W4), held_out)
+    ppl["ternary RTN"] = perplexity(_rtn(model, linears, "ternary"), held_out)
     return {
         "run": str(run),
         "config": described["config"],
