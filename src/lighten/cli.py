@@ -279,12 +279,14 @@ def finetune(
         str, typer.Option(help="The weight format to train through and write (ternary, int2:g32...).")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 100,
-    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
-    context: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 100,
+    batch: Annotated[int, typer.Option(help="Sequences per step.", min=1)] = 4,
+    context: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (warmup 10 %, cosine to a tenth).")] = 3e-4,
     seed: Annotated[int, typer.Option(help="Seed of the batches.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints of the training.")] = 10,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Steps between checkpoints of the training.", min=1)
+    ] = 10,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
     """Quantization-aware fine-tuning: train the weights through the format's rounding, distilled from the
@@ -464,7 +466,7 @@ def lab_train(
         "rmsnorm"
     ),
     placement: Annotated[str, typer.Option(help="pre, post, peri or mix (Mix-LN).")] = "pre",
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 300,
     layernorm_scaling: Annotated[bool, typer.Option(help="Scale pre-norm outputs by 1/sqrt(layer).")] = False,
     embedding_projection: Annotated[bool, typer.Option(help="OSP's learnable embedding projection.")] = False,
     clipped_softmax: Annotated[float | None, typer.Option(help="Clipped softmax with this alpha.")] = None,
@@ -477,11 +479,11 @@ def lab_train(
     hidden: Annotated[int, typer.Option(help="Hidden size.")] = 256,
     layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 6,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
-    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
-    context: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    batch: Annotated[int, typer.Option(help="Sequences per step.", min=1)] = 16,
+    context: Annotated[int, typer.Option(help="Tokens per sequence.", min=2)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the batches.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.", min=1)] = 50,
 ):
     """Train a small Llama-shaped LM on the Wikipedia calibration split; a stopped run resumes where its
     last checkpoint left it when the same command runs again."""

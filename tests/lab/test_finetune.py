@@ -89,6 +89,9 @@ def test_bad_input_is_refused(tiny_llama, tmp_path):
         return lighten("finetune", model, "-o", tmp_path / "out", "--steps", 1, "--context", 16, *options)
 
     assert_refused(finetune(tiny_llama, "--qat", "int9"), "int9", output=tmp_path / "out")
+    assert_refused(finetune(tiny_llama, "--qat", "ternary", "--steps", 0), "--steps", output=tmp_path / "out")
+    too_long = finetune(tiny_llama, "--qat", "ternary", "--context", 4096)
+    assert_refused(too_long, "positions", output=tmp_path / "out")
     bert = save_tiny("bert", tmp_path / "bert")
     assert_refused(finetune(bert, "--qat", "ternary"), "encoder", output=tmp_path / "out")
     (tmp_path / "out").mkdir()

@@ -27,8 +27,10 @@ from lighten.lab.data import batch_at, token_stream
 from lighten.lab.qat import plain_linears, prepare_qat
 from lighten.lab.train import start_run, train_steps
 from lighten.models import load_model, model_kind, resolve
+from lighten.models.limits import max_positions
 from lighten.plan import make_plan
 from lighten.progress import note
+from lighten.quantize import quantize_weights
 from lighten.recipes import recipe_from_options
 
 SETTINGS = "finetune.json"
@@ -73,6 +75,9 @@ def finetune_to_dir(
         raise LightenError(
             f"{model_name} is an encoder: fine-tuning distils next-token predictions of causal LMs"
         )
+    limit = max_positions(model.config)
+    if limit is not None and settings.context > limit:
+        raise LightenError(f"--context {settings.context} is beyond the {limit} positions {model_name} reads")
     plan = make_plan(model, settings.qat)
     described = {"model": str(source), "settings": dataclasses.asdict(settings)}
     start_run(work / SETTINGS, described, "fine-tuning run")
@@ -93,12 +98,8 @@ def finetune_to_dir(
     note(f"fine-tuning {model_name} through {settings.qat}; training state in {work}")
     log = train_steps(model, work, settings.steps, settings.lr, settings.checkpoint_every, loss_at)
     plain_linears(model)
-    model.eval()
-    quantized = {}
-    with torch.no_grad():
-        for name, spec in plan.items():
-            quantized[name] = formats.get(spec).quantize(model.get_parameter(name).detach())
-    recipe = recipe_from_options(settings.qat, algorithm="rtn")  # the quantizer trained through
+    quantized = quantize_weights(model.eval(), plan)  # round to nearest: the quantizer trained through
+    recipe = recipe_from_options(settings.qat, algorithm="rtn")
     finetune = {"teacher": model_name, "settings": dataclasses.asdict(settings), "loss": log}
     saved = save_checkpoint(model, quantized, source, model_name, out, force, recipe, finetune=finetune)
     if (work / MARKER).is_file():  # lighten's own folder: the run is in the checkpoint now
