@@ -1,6 +1,8 @@
 """The `lighten` command: parse, call one library function, print. No logic the library lacks."""
 
+import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -451,6 +453,102 @@ def demo(
         with atomic_file(path, force=True, is_ours=in_lighten_dir) as tmp:
             tmp.write_text(text)
     out.print(f"results in {results[0]} and {results[1]}")
+
+
+@app.command()
+def sweep(
+    models: Annotated[list[str], typer.Argument(help="Built-in names or Hugging Face model directories.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The results folder (resumed if there).")],
+    formats: Annotated[str, typer.Option(help="Comma-separated format specs.")],
+    algorithms: Annotated[str, typer.Option(help="Comma-separated; default: each format's own.")] = "",
+    surgery: Annotated[
+        list[str] | None,
+        typer.Option(help="A surgery chain (fold,rotate); repeat for several; none for no surgery."),
+    ] = None,
+    budgets: Annotated[
+        str, typer.Option(help="Comma-separated budgets (4.5bits, 60MB) choosing among...")
+    ] = "",
+    candidates: Annotated[str, typer.Option(help="...these comma-separated specs.")] = "",
+    tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity / KL.", min=16)] = 4096,
+    workers: Annotated[
+        int | None, typer.Option(help="Local worker processes (default: cores, memory).")
+    ] = None,
+    ray: Annotated[str | None, typer.Option(help="Run on a Ray cluster: auto or its address.")] = None,
+    speed: Annotated[bool, typer.Option(help="Measure decode speed (alone, after the quality jobs).")] = True,
+    retry_failed: Annotated[bool, typer.Option(help="Run the jobs that failed before again.")] = False,
+):
+    """Quantize and evaluate every combination of models x formats x algorithms x surgery x budgets into a
+    resumable results store (RESULTS/results.sqlite); a rerun skips what is done."""
+    from lighten.sweep.grid import grid
+    from lighten.sweep.run import run_sweep
+
+    chains = [() if chain in ("", "none") else _csv(chain) for chain in (surgery or ["none"])]
+    jobs = grid(
+        models,
+        list(_csv(formats)),
+        list(_csv(algorithms)) or [None],
+        chains,
+        list(_csv(budgets)) or [None],
+        _csv(candidates),
+    )
+    with _sweep_display(len(jobs)) as on_row:
+        table = run_sweep(jobs, output, workers, ray, tokens, speed, retry_failed, on_row)
+    headers = [
+        "model",
+        "format",
+        "algorithm",
+        "surgery",
+        "budget",
+        "bits/weight",
+        "quality",
+        "speed",
+        "status",
+    ]
+    _print_table(f"sweep ({output / 'results.sqlite'})", headers, [_sweep_cells(r) for r in table])
+
+
+def _sweep_cells(row: dict) -> list[str]:
+    job, result, speed = row["job"], row["result"] or {}, row["speed"] or {}
+    rate = speed.get("decode_tokens_per_s") or speed.get("sentences_per_s")
+    cells = [job["model"], job["format"], job["algorithm"] or "default", ",".join(job["surgery"]) or "-"]
+    cells += [job["budget"] or "-", f"{result['bits_per_weight']:.3f}" if result else "-"]
+    return cells + [_quality(result, row["error"]), f"{rate:.1f}/s" if rate else "-", row["status"]]
+
+
+def _quality(result: dict | None, error: str | None) -> str:
+    if result and "kl" in result:
+        return f"ppl {result['perplexity']:.4g}, KL {result['kl']:.4f}"
+    if result:
+        return f"cosine {result['cosine']:.4f}"
+    return (error or "").strip().splitlines()[-1][:60]
+
+
+@contextlib.contextmanager
+def _sweep_display(total: int):
+    """A bar of finished jobs with done / running / failed and the best row so far (least KL, or highest
+    cosine); yields run_sweep's on_row."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lighten.progress import stderr
+
+    best = {"score": math.inf, "text": "-"}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task("sweep", total=total)
+
+        def on_row(job, outcome, counts):
+            result = outcome.get("result")
+            if job is None:  # the start: the jobs done before
+                return progress.update(task, completed=counts["done"])
+            score = (result.get("kl", -result.get("cosine", 0.0))) if result else math.inf
+            if score < best["score"]:
+                best.update(score=score, text=f"{job.model} {job.format}: {_quality(result, None)}")
+            text = f"{counts['done']} done, {counts['running']} running, {counts['failed']} failed"
+            progress.update(
+                task, completed=counts["done"] + counts["failed"], description=f"{text}; best {best['text']}"
+            )
+
+        yield on_row
 
 
 lab = typer.Typer(

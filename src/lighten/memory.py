@@ -2,6 +2,7 @@
 once held. glibc only: elsewhere these do nothing."""
 
 import ctypes
+import os
 
 try:
     _libc = ctypes.CDLL(None)
@@ -28,3 +29,16 @@ def release_free_pages() -> None:
     blocks from 786 to 651 MB (GPTQ, 16,384 tokens) for a few milliseconds."""
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def available_bytes() -> int:
+    """The memory the system can give without swapping (Linux's MemAvailable); the physical memory where
+    /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
