@@ -38,3 +38,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_llama(tmp_path_factory):
+    """A random tiny Llama directory with a byte-level BPE, so that Wikipedia text is real tokens and not
+    [UNK]: for the jobs that train or evaluate on the corpora (finetune, sweep)."""
+    from tiny_models import save_tiny, tiny_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    return save_tiny("llama", path, tokenizer=tiny_bpe_tokenizer(), vocab_size=300)

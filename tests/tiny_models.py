@@ -156,11 +156,11 @@ def tiny_model(arch: str, seed: int = 0, **config):
     return model_class(config_class(**(dict(vocab_size=len(VOCAB)) | defaults | config))).eval()
 
 
-def save_tiny(arch: str, path: Path, seed: int = 0, **config) -> Path:
-    """Write a tiny random `arch` model (`config` as for tiny_model) and tokenizer as a Hugging Face
-    directory (safetensors)."""
+def save_tiny(arch: str, path: Path, seed: int = 0, tokenizer=None, **config) -> Path:
+    """Write a tiny random `arch` model (`config` as for tiny_model) and a tokenizer (default
+    tiny_tokenizer()) as a Hugging Face directory (safetensors)."""
     tiny_model(arch, seed, **config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    (tokenizer or tiny_tokenizer()).save_pretrained(path)
     return path
 
 

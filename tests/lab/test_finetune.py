@@ -8,7 +8,8 @@ import pytest
 import torch
 from cli_helpers import assert_refused, lighten
 from safetensors.torch import load_file
-from tiny_models import save_tiny, tiny_bpe_tokenizer, tiny_model
+from step_helpers import record_steps, stop_at
+from tiny_models import save_tiny
 
 from lighten.checkpoint import read_manifest
 from lighten.eval.compare import evaluate
@@ -17,15 +18,6 @@ from lighten.lab.finetune import FinetuneSettings, distillation_loss, finetune_t
 from lighten.pipeline import quantize_to_dir
 
 SETTINGS = dict(steps=12, batch=4, context=32, lr=3e-3, checkpoint_every=4)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A random tiny Llama with a byte-level BPE, so that Wikipedia text is real tokens and not [UNK]."""
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama", vocab_size=300).save_pretrained(path)
-    tiny_bpe_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_distillation_loss_by_hand():
@@ -39,10 +31,10 @@ def test_distillation_loss_by_hand():
     assert distillation_loss(tokens, tokens).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_finetuning_brings_ternary_closer_to_the_model_than_rounding(tiny_llama, tmp_path):
-    tuned = finetune_to_dir(str(tiny_llama), FinetuneSettings("ternary", **SETTINGS), tmp_path / "tuned")
-    rounded = quantize_to_dir(str(tiny_llama), "ternary", tmp_path / "rounded")
-    report = evaluate([tuned, rounded], tiny_llama, n_tokens=1024, context=64)
+def test_finetuning_brings_ternary_closer_to_the_model_than_rounding(tiny_bpe_llama, tmp_path):
+    tuned = finetune_to_dir(str(tiny_bpe_llama), FinetuneSettings("ternary", **SETTINGS), tmp_path / "tuned")
+    rounded = quantize_to_dir(str(tiny_bpe_llama), "ternary", tmp_path / "rounded")
+    report = evaluate([tuned, rounded], tiny_bpe_llama, n_tokens=1024, context=64)
     kl_tuned, kl_rounded = (row["kl"] for row in report["candidates"])
     assert kl_tuned < 0.6 * kl_rounded, (kl_tuned, kl_rounded)  # 0.42 here; 1.0 with --lr 0
 
@@ -50,33 +42,20 @@ def test_finetuning_brings_ternary_closer_to_the_model_than_rounding(tiny_llama,
     assert len(manifest["finetune"]["loss"]) == SETTINGS["steps"]
     assert {t["spec"] for t in manifest["tensors"].values()} == {"ternary:tensor"}
     assert not training_dir(tmp_path / "tuned").exists()  # the run is in the checkpoint now
-    source, weights = load_file(tiny_llama / "model.safetensors"), load_file(tuned / "model.safetensors")
+    source, weights = load_file(tiny_bpe_llama / "model.safetensors"), load_file(tuned / "model.safetensors")
     assert torch.equal(weights["model.embed_tokens.weight"], source["model.embed_tokens.weight"])  # frozen
 
 
-def test_a_stopped_finetuning_resumes_to_the_same_weights(tiny_llama, tmp_path, monkeypatch):
+def test_a_stopped_finetuning_resumes_to_the_same_weights(tiny_bpe_llama, tmp_path, monkeypatch):
     settings = FinetuneSettings("int2:g32", **SETTINGS)
-    straight = finetune_to_dir(str(tiny_llama), settings, tmp_path / "straight")
+    straight = finetune_to_dir(str(tiny_bpe_llama), settings, tmp_path / "straight")
 
-    real_batch_at = finetune_module.batch_at
-
-    def killed_at_step_6(stream, step, *args):
-        if step == 6:
-            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: the checkpoint of step 4
-        return real_batch_at(stream, step, *args)
-
-    monkeypatch.setattr(finetune_module, "batch_at", killed_at_step_6)
+    stop_at(monkeypatch, finetune_module, 6)  # the last checkpoint is step 4's
     with pytest.raises(KeyboardInterrupt):
-        finetune_to_dir(str(tiny_llama), settings, tmp_path / "resumed")
+        finetune_to_dir(str(tiny_bpe_llama), settings, tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists() and training_dir(tmp_path / "resumed").is_dir()
-    seen = []
-
-    def recording(stream, step, *args):
-        seen.append(step)
-        return real_batch_at(stream, step, *args)
-
-    monkeypatch.setattr(finetune_module, "batch_at", recording)
-    resumed = finetune_to_dir(str(tiny_llama), settings, tmp_path / "resumed")
+    seen = record_steps(monkeypatch, finetune_module)
+    resumed = finetune_to_dir(str(tiny_bpe_llama), settings, tmp_path / "resumed")
     assert seen == list(range(4, SETTINGS["steps"]))  # from the checkpoint of step 4 on
 
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -84,16 +63,18 @@ def test_a_stopped_finetuning_resumes_to_the_same_weights(tiny_llama, tmp_path, 
     assert read_manifest(resumed)["finetune"]["loss"] == read_manifest(straight)["finetune"]["loss"]
 
 
-def test_bad_input_is_refused(tiny_llama, tmp_path):
+def test_bad_input_is_refused(tiny_bpe_llama, tmp_path):
     def finetune(model, *options):
         return lighten("finetune", model, "-o", tmp_path / "out", "--steps", 1, "--context", 16, *options)
 
-    assert_refused(finetune(tiny_llama, "--qat", "int9"), "int9", output=tmp_path / "out")
-    assert_refused(finetune(tiny_llama, "--qat", "ternary", "--steps", 0), "--steps", output=tmp_path / "out")
-    too_long = finetune(tiny_llama, "--qat", "ternary", "--context", 4096)
+    assert_refused(finetune(tiny_bpe_llama, "--qat", "int9"), "int9", output=tmp_path / "out")
+    assert_refused(
+        finetune(tiny_bpe_llama, "--qat", "ternary", "--steps", 0), "--steps", output=tmp_path / "out"
+    )
+    too_long = finetune(tiny_bpe_llama, "--qat", "ternary", "--context", 4096)
     assert_refused(too_long, "positions", output=tmp_path / "out")
     bert = save_tiny("bert", tmp_path / "bert")
     assert_refused(finetune(bert, "--qat", "ternary"), "encoder", output=tmp_path / "out")
     (tmp_path / "out").mkdir()
-    assert_refused(finetune(tiny_llama, "--qat", "ternary"), "exists")
+    assert_refused(finetune(tiny_bpe_llama, "--qat", "ternary"), "exists")
     assert not training_dir(tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from step_helpers import record_steps, stop_at
 
 from lighten.errors import LightenError
 from lighten.lab import train as train_module
@@ -23,24 +24,11 @@ def settings(**overrides) -> TrainSettings:
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = train_lab(CONFIG, settings(), tmp_path / "straight", STREAM)
 
-    real_batch_at = train_module.batch_at
-
-    def killed_at_step_5(stream, step, *args):
-        if step == 5:
-            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: the checkpoint of step 4
-        return real_batch_at(stream, step, *args)
-
-    monkeypatch.setattr(train_module, "batch_at", killed_at_step_5)
+    stop_at(monkeypatch, train_module, 5)  # the last checkpoint is step 4's
     with pytest.raises(KeyboardInterrupt):
         train_lab(CONFIG, settings(), tmp_path / "resumed", STREAM)
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    seen = []
-
-    def recording(stream, step, *args):
-        seen.append(step)
-        return real_batch_at(stream, step, *args)
-
-    monkeypatch.setattr(train_module, "batch_at", recording)
+    seen = record_steps(monkeypatch, train_module)
     resumed = train_lab(CONFIG, settings(), tmp_path / "resumed", STREAM)
     assert seen == [4, 5]  # from the checkpoint of step 4 on, not from the start
 

@@ -10,7 +10,6 @@ import time
 
 import pytest
 from cli_helpers import assert_refused, lighten
-from tiny_models import tiny_bpe_tokenizer, tiny_model
 
 from lighten.checkpoint import read_manifest
 from lighten.sweep.grid import Job, grid
@@ -19,21 +18,13 @@ from lighten.sweep.run import STORE, checkpoint_dir, run_sweep
 TOKENS = 256
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama", vocab_size=300).save_pretrained(path)
-    tiny_bpe_tokenizer().save_pretrained(path)
-    return path
-
-
 def jobs_of(model) -> list[Job]:
     # 2 formats x 2 algorithms, and q4_k, whose 256-blocks do not fit the tiny rows of 64: it fails
     return grid([str(model)], ["int8", "int4:g32"], ["rtn", "gptq"]) + [Job(str(model), "q4_k")]
 
 
-def test_rows_failures_and_a_rerun_that_does_nothing(tiny_llama, tmp_path):
-    jobs = jobs_of(tiny_llama)
+def test_rows_failures_and_a_rerun_that_does_nothing(tiny_bpe_llama, tmp_path):
+    jobs = jobs_of(tiny_bpe_llama)
     rows = run_sweep(jobs, tmp_path / "results", workers=2, n_tokens=TOKENS)
     assert sorted(r["id"] for r in rows) == sorted(j.id for j in jobs)
     by_id = {r["id"]: r for r in rows}
@@ -44,17 +35,17 @@ def test_rows_failures_and_a_rerun_that_does_nothing(tiny_llama, tmp_path):
         assert row["status"] == "done" and row["result"]["kl"] > 0
         assert row["manifest"] == read_manifest(checkpoint_dir(tmp_path / "results", job))
         assert row["speed"]["decode_tokens_per_s"] > 0
-        assert row["command"].startswith(f"lighten quantize {tiny_llama} -f {job.format} --algorithm")
-    gptq, rtn = (by_id[Job(str(tiny_llama), "int4:g32", a).id]["result"]["kl"] for a in ("gptq", "rtn"))
+        assert row["command"].startswith(f"lighten quantize {tiny_bpe_llama} -f {job.format} --algorithm")
+    gptq, rtn = (by_id[Job(str(tiny_bpe_llama), "int4:g32", a).id]["result"]["kl"] for a in ("gptq", "rtn"))
     assert gptq < rtn  # calibration helps: the rows are the jobs' own measurements
 
     again = run_sweep(jobs, tmp_path / "results", workers=2, n_tokens=TOKENS)
     assert again == rows  # nothing ran: the same rows, the same finish times
 
 
-def test_a_killed_sweep_restarts_without_losing_or_repeating_rows(tiny_llama, tmp_path):
+def test_a_killed_sweep_restarts_without_losing_or_repeating_rows(tiny_bpe_llama, tmp_path):
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "lighten", "sweep", str(tiny_llama), "-o", str(results)]
+    command = [sys.executable, "-m", "lighten", "sweep", str(tiny_bpe_llama), "-o", str(results)]
     command += ["--formats", "int8,int4:g32,int3:g32,int2:g32", "--workers", "1", "--tokens", str(TOKENS)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -71,9 +62,9 @@ def test_a_killed_sweep_restarts_without_losing_or_repeating_rows(tiny_llama, tm
     assert len(after) == 4 and all(after[i] == finished for i, finished in before.items())
 
 
-def test_ray_cluster_gives_the_same_rows(tiny_llama, tmp_path):
+def test_ray_cluster_gives_the_same_rows(tiny_bpe_llama, tmp_path):
     ray = pytest.importorskip("ray")
-    jobs = jobs_of(tiny_llama)[:2]
+    jobs = jobs_of(tiny_bpe_llama)[:2]
     local = run_sweep(jobs, tmp_path / "local", workers=2, n_tokens=TOKENS, speed=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -89,15 +80,15 @@ def _measured(rows: list[dict]) -> list[float]:
     return [r["result"][k] for r in rows for k in ("bits_per_weight", "perplexity", "kl")]
 
 
-def test_bad_input_is_refused(tiny_llama, tmp_path):
+def test_bad_input_is_refused(tiny_bpe_llama, tmp_path):
     def sweep(*options):
-        return lighten("sweep", tiny_llama, "-o", tmp_path / "out", *options)
+        return lighten("sweep", tiny_bpe_llama, "-o", tmp_path / "out", *options)
 
     assert_refused(sweep("--formats", "int9"), "int9", output=tmp_path / "out")
     assert_refused(sweep("--formats", "int4", "--algorithms", "magic"), "magic", output=tmp_path / "out")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    assert_refused(lighten("sweep", tiny_llama, "-o", tmp_path / "mine", "--formats", "int8"), "mine")
+    assert_refused(lighten("sweep", tiny_bpe_llama, "-o", tmp_path / "mine", "--formats", "int8"), "mine")
 
 
 def _rows(store) -> list[tuple]:
