@@ -78,6 +78,8 @@ def finetune_to_dir(
     limit = max_positions(model.config)
     if limit is not None and settings.context > limit:
         raise LightenError(f"--context {settings.context} is beyond the {limit} positions {model_name} reads")
+    if getattr(tokenizer, "backend_tokenizer", None) is None or tokenizer.eos_token is None:
+        raise LightenError(f"{model_name}'s tokenizer is not a fast tokenizer with an end-of-text token")
     plan = make_plan(model, settings.qat)
     described = {"model": str(source), "settings": dataclasses.asdict(settings)}
     start_run(work / SETTINGS, described, "fine-tuning run")
