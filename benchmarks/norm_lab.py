@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lighten.errors import LightenError
 from lighten.lab.qat import BITNET
 from lighten.lab.report import lab_report
 from lighten.lab.train import TrainSettings, train_on_wikipedia
@@ -56,9 +57,17 @@ def main() -> None:
             settings = TrainSettings(
                 args.steps, seed=seed, qat=qat and qat[0], qat_activations=qat and qat[1]
             )
-            run = train_on_wikipedia(args.out / f"{kind}-seed{seed}", settings, **options)
-            report = lab_report(run, args.eval_tokens)
-            report["kind"] = kind
+            try:
+                run = train_on_wikipedia(args.out / f"{kind}-seed{seed}", settings, **options)
+            except LightenError as e:  # a diverged run is a result too
+                print(f"| {kind} | {seed} | {e} |", flush=True)
+                continue
+            saved = run / "report.json"  # a rerun reports only the runs not reported yet
+            if saved.is_file() and json.loads(saved.read_text())["eval_tokens"] == args.eval_tokens:
+                report = json.loads(saved.read_text())
+            else:
+                report = lab_report(run, args.eval_tokens) | {"kind": kind, "eval_tokens": args.eval_tokens}
+                saved.write_text(json.dumps(report))
             reports.append(report)
             print(_row(report), flush=True)
     _write_results(reports, args.out)

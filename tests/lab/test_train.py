@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from step_helpers import record_steps, stop_at
 
@@ -63,3 +64,16 @@ def test_learning_rate_schedule_by_hand():
     assert learning_rate(10, steps, peak) == pytest.approx(1.0)  # cosine from the peak ...
     assert learning_rate(55, steps, peak) == pytest.approx(0.55)  # ... halfway: 0.1 + 0.9 / 2
     assert learning_rate(100, steps, peak) == pytest.approx(0.1)  # ... to a tenth of it
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_its_last_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    losses = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(float("nan"))]
+
+    def loss_at(step):
+        return model.weight.sum() * losses[step], 1
+
+    with pytest.raises(LightenError, match="diverged at step 2"):
+        train_module.train_steps(model, tmp_path, 3, 0.1, 1, loss_at)
+    with safe_open(tmp_path / train_module.CHECKPOINT, "pt") as f:
+        assert f.metadata()["step"] == "2"

@@ -110,6 +110,11 @@ def train_steps(
                 group["lr"] = learning_rate(step, steps, lr)
             start = time.perf_counter()
             loss, tokens = loss_at(step)
+            if not math.isfinite(loss.item()):
+                raise LightenError(
+                    f"training diverged at step {step} (loss {loss.item()}); the checkpoint before it is "
+                    f"kept in {out}: try a lower learning rate"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -30,8 +30,11 @@ __all__ = [
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5, steps: int = 0) -> nn.Module:
-    """A `kind` norm of `dim` channels; `steps` (the training length) sets PRepBN's schedule: LayerNorm for
-    the first tenth, then down to RepBN alone by 70 % (SLAB trains the rest on RepBN)."""
+    """A `kind` norm of `dim` channels; `steps` (the training length) sets PRepBN's schedule (LayerNorm for
+    the first tenth, then down to RepBN alone by 70 %: SLAB trains the rest on RepBN) and when UN starts
+    smoothing its statistics over a window of batches: after the first tenth, the learning rate's warmup,
+    while they change fastest (from the start, a lab model diverged at step 14: a stale small mean(x²)
+    from the window blew up a fresh batch)."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
@@ -41,7 +44,7 @@ def make_norm(kind: str, dim: int, eps: float = 1e-5, steps: int = 0) -> nn.Modu
     if kind == "powernorm":
         return PowerNorm(dim, eps)
     if kind == "unified":
-        return UnifiedNorm(dim, eps)
+        return UnifiedNorm(dim, eps, warmup=steps // 10)
     if kind == "prepbn":
         return PRepBN(dim, warmup=steps // 10, decay=steps * 6 // 10, eps=eps)
     raise LightenError(f"unknown norm {kind!r}; known: {', '.join(NORMS)}")
