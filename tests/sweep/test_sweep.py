@@ -10,22 +10,15 @@ import time
 
 import pytest
 from cli_helpers import assert_refused, lighten
+from sweep_helpers import TOKENS, jobs_of
 
 from lighten.checkpoint import read_manifest
-from lighten.sweep.grid import Job, grid
+from lighten.sweep.grid import Job
 from lighten.sweep.run import STORE, checkpoint_dir, run_sweep
 
-TOKENS = 256
 
-
-def jobs_of(model) -> list[Job]:
-    # 2 formats x 2 algorithms, and q4_k, whose 256-blocks do not fit the tiny rows of 64: it fails
-    return grid([str(model)], ["int8", "int4:g32"], ["rtn", "gptq"]) + [Job(str(model), "q4_k")]
-
-
-def test_rows_failures_and_a_rerun_that_does_nothing(tiny_bpe_llama, tmp_path):
-    jobs = jobs_of(tiny_bpe_llama)
-    rows = run_sweep(jobs, tmp_path / "results", workers=2, n_tokens=TOKENS)
+def test_rows_failures_and_a_rerun_that_does_nothing(swept, tiny_bpe_llama):
+    results, jobs, rows = swept
     assert sorted(r["id"] for r in rows) == sorted(j.id for j in jobs)
     by_id = {r["id"]: r for r in rows}
     (failed,) = [r for r in rows if r["status"] == "failed"]
@@ -33,13 +26,15 @@ def test_rows_failures_and_a_rerun_that_does_nothing(tiny_bpe_llama, tmp_path):
     for job in jobs[:4]:
         row = by_id[job.id]
         assert row["status"] == "done" and row["result"]["kl"] > 0
-        assert row["manifest"] == read_manifest(checkpoint_dir(tmp_path / "results", job))
+        assert row["manifest"] == read_manifest(checkpoint_dir(results, job))
         assert row["speed"]["decode_tokens_per_s"] > 0
         assert row["command"].startswith(f"lighten quantize {tiny_bpe_llama} -f {job.format} --algorithm")
     gptq, rtn = (by_id[Job(str(tiny_bpe_llama), "int4:g32", a).id]["result"]["kl"] for a in ("gptq", "rtn"))
     assert gptq < rtn  # calibration helps: the rows are the jobs' own measurements
+    budgeted = by_id[jobs[-1].id]["manifest"]
+    assert {a["format"] for a in budgeted["allocation"]} <= {"int4:g32:sym", "int8:channel:sym"}
 
-    again = run_sweep(jobs, tmp_path / "results", workers=2, n_tokens=TOKENS)
+    again = run_sweep(jobs, results, workers=2, n_tokens=TOKENS)
     assert again == rows  # nothing ran: the same rows, the same finish times
 
 

@@ -20,7 +20,16 @@ from lighten.atomic import make_output_dir
 from lighten.errors import LightenError
 from lighten.memory import available_bytes
 from lighten.sweep.grid import Job
-from lighten.sweep.store import finished, open_store, record, record_speed, rows, without_speed
+from lighten.sweep.store import (
+    finished,
+    model_profiles,
+    open_store,
+    record,
+    record_profile,
+    record_speed,
+    rows,
+    without_speed,
+)
 
 STORE = "results.sqlite"
 PROMPTS = {  # what the speed measurement runs
@@ -112,6 +121,10 @@ def run_sweep(
             counts["failed" if "error" in outcome else "done"] += 1
             if on_row:
                 on_row(job, outcome, counts)
+    profiled = model_profiles(db)
+    for model in dict.fromkeys(job.model for job in jobs):
+        if model not in profiled:
+            record_profile(db, model, _profile(model))
     if speed:
         wanted = {job.id: job for job in jobs}
         for row in rows(db):
@@ -161,6 +174,19 @@ def _ray_outcomes(todo, results, n_tokens, address, counts) -> Iterator[tuple[Jo
             job = futures.pop(ref)
             counts["running"] = len(futures)
             yield job, ray.get(ref)
+
+
+def _profile(model: str) -> dict:
+    """lighten inspect's report of a model on 2,048 calibration tokens (sites: empty where inspect cannot
+    read the model's structure)."""
+    from lighten.inspect import inspect_model
+    from lighten.models import load_model
+
+    loaded, tokenizer = load_model(model)
+    try:
+        return inspect_model(loaded, tokenizer)
+    except LightenError as e:
+        return {"sites": [], "error": str(e)}
 
 
 def _quiet() -> None:

@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     speed TEXT,                     -- decode tokens/s or sentences/s (JSON), measured alone, later
     seconds REAL,
     finished TEXT
+);
+CREATE TABLE IF NOT EXISTS models (
+    model TEXT PRIMARY KEY,
+    inspect TEXT NOT NULL           -- lighten inspect's report of the model (JSON)
 )
 """
 
@@ -32,7 +36,7 @@ def open_store(path: str | Path) -> sqlite3.Connection:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path)
-    db.execute(SCHEMA)
+    db.executescript(SCHEMA)
     return db
 
 
@@ -70,6 +74,18 @@ def record_speed(db: sqlite3.Connection, job_id: str, speed: dict) -> None:
 
 def without_speed(db: sqlite3.Connection) -> set[str]:
     return {row[0] for row in db.execute("SELECT id FROM jobs WHERE status = 'done' AND speed IS NULL")}
+
+
+def record_profile(db: sqlite3.Connection, model: str, report: dict) -> None:
+    with db:
+        db.execute(
+            "INSERT OR REPLACE INTO models (model, inspect) VALUES (?, ?)", (model, json.dumps(report))
+        )
+
+
+def model_profiles(db: sqlite3.Connection) -> dict[str, dict]:
+    """{model: its inspect report} for the models profiled so far."""
+    return {model: json.loads(report) for model, report in db.execute("SELECT model, inspect FROM models")}
 
 
 def rows(db: sqlite3.Connection) -> list[dict]:
