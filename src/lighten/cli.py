@@ -294,9 +294,10 @@ def finetune(
     """Quantization-aware fine-tuning: train the weights through the format's rounding, distilled from the
     model itself (KL to its next-token distribution on the Wikipedia calibration split), and save the
     quantized checkpoint. A stopped run resumes from OUTPUT.training when the same command runs again."""
-    from lighten.lab.finetune import FinetuneSettings, finetune_to_dir, training_dir
+    from lighten.lab.finetune import finetune_settings, finetune_to_dir, training_dir
 
-    settings = FinetuneSettings(qat, steps, batch, context, lr, seed, checkpoint_every)
+    options = dict(batch=batch, context=context, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    settings = finetune_settings(qat, steps, **options)
     try:
         saved = finetune_to_dir(model, settings, output, force)
     except Interrupted:

@@ -14,7 +14,7 @@ from tiny_models import save_tiny
 from lighten.checkpoint import read_manifest
 from lighten.eval.compare import evaluate
 from lighten.lab import finetune as finetune_module
-from lighten.lab.finetune import FinetuneSettings, distillation_loss, finetune_to_dir, training_dir
+from lighten.lab.finetune import distillation_loss, finetune_settings, finetune_to_dir, training_dir
 from lighten.pipeline import quantize_to_dir
 
 SETTINGS = dict(steps=12, batch=4, context=32, lr=3e-3, checkpoint_every=4)
@@ -32,7 +32,7 @@ def test_distillation_loss_by_hand():
 
 
 def test_finetuning_brings_ternary_closer_to_the_model_than_rounding(tiny_bpe_llama, tmp_path):
-    tuned = finetune_to_dir(str(tiny_bpe_llama), FinetuneSettings("ternary", **SETTINGS), tmp_path / "tuned")
+    tuned = finetune_to_dir(str(tiny_bpe_llama), finetune_settings("ternary", **SETTINGS), tmp_path / "tuned")
     rounded = quantize_to_dir(str(tiny_bpe_llama), "ternary", tmp_path / "rounded")
     report = evaluate([tuned, rounded], tiny_bpe_llama, n_tokens=1024, context=64)
     kl_tuned, kl_rounded = (row["kl"] for row in report["candidates"])
@@ -47,7 +47,7 @@ def test_finetuning_brings_ternary_closer_to_the_model_than_rounding(tiny_bpe_ll
 
 
 def test_a_stopped_finetuning_resumes_to_the_same_weights(tiny_bpe_llama, tmp_path, monkeypatch):
-    settings = FinetuneSettings("int2:g32", **SETTINGS)
+    settings = finetune_settings("int2:g32", **SETTINGS)
     straight = finetune_to_dir(str(tiny_bpe_llama), settings, tmp_path / "straight")
 
     stop_at(monkeypatch, finetune_module, 6)  # the last checkpoint is step 4's

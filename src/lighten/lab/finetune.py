@@ -14,7 +14,6 @@ the quantizer the student trained through, gives exactly the weights it was trai
 import copy
 import dataclasses
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from lighten.checkpoint import save_checkpoint
 from lighten.errors import LightenError
 from lighten.lab.data import batch_at, token_stream
 from lighten.lab.qat import plain_linears, prepare_qat
-from lighten.lab.train import start_run, train_steps
+from lighten.lab.train import TrainSettings, start_run, train_steps
 from lighten.models import load_model, model_kind, resolve
 from lighten.models.limits import max_positions
 from lighten.plan import make_plan
@@ -36,15 +35,12 @@ from lighten.recipes import recipe_from_options
 SETTINGS = "finetune.json"
 
 
-@dataclass
-class FinetuneSettings:
-    qat: str  # the weight format trained through, and written
-    steps: int
-    batch: int = 4
-    context: int = 128
-    lr: float = 3e-4
-    seed: int = 0
-    checkpoint_every: int = 10
+def finetune_settings(qat: str, steps: int, **options) -> TrainSettings:
+    """The training settings of a fine-tuning through weight format `qat`: the lab's schedule, with
+    defaults for a pretrained model (4 x 128 tokens a step, peak learning rate 3e-4, a checkpoint every
+    10 steps) that `options` override."""
+    defaults = dict(batch=4, context=128, lr=3e-4, checkpoint_every=10)
+    return TrainSettings(steps, **(defaults | options), qat=qat)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -61,13 +57,15 @@ def training_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".training")
 
 
-def finetune_to_dir(
-    model_name: str, settings: FinetuneSettings, out: str | Path, force: bool = False
-) -> Path:
+def finetune_to_dir(model_name: str, settings: TrainSettings, out: str | Path, force: bool = False) -> Path:
     """QAT-distil `model_name` to settings.qat for settings.steps steps and save the quantized checkpoint
     in `out` (resumed from out.training when stopped). Returns `out`."""
     source = resolve(model_name)
     check_output(out, force, inputs=[source])  # fail now, not after the training
+    if settings.qat is None or settings.qat_activations is not None:
+        raise LightenError(
+            "fine-tuning trains through a weight format (settings.qat) and no activation format"
+        )
     formats.get(settings.qat)  # an unknown format fails before the model loads
     work = training_dir(out)
     model, tokenizer = load_model(model_name)
