@@ -60,7 +60,8 @@ def main() -> None:
             try:
                 run = train_on_wikipedia(args.out / f"{kind}-seed{seed}", settings, **options)
             except LightenError as e:  # a diverged run is a result too
-                print(f"| {kind} | {seed} | {e} |", flush=True)
+                reports.append({"kind": kind, "settings": {"seed": seed}, "failed": str(e).split(";")[0]})
+                print(_row(reports[-1]), flush=True)
                 continue
             saved = run / "report.json"  # a rerun reports only the runs not reported yet
             if saved.is_file() and json.loads(saved.read_text())["eval_tokens"] == args.eval_tokens:
@@ -83,25 +84,27 @@ def _write_results(reports: list[dict], out: Path) -> None:
     table = "\n".join([HEADER, "|---" * (HEADER.count("|") - 1) + "|", *map(_row, reports)])
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(reports, indent=1))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in reports:
+    trained = [r for r in reports if "failed" not in r]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for r in trained:
         worst = [max(v for k, v in layer.items() if k.endswith("_kurtosis")) for layer in r["layers"]]
         left.plot(
             range(1, len(worst) + 1), worst, marker="o", label=f"{r['kind']} (seed {r['settings']['seed']})"
         )
     left.set(yscale="log", xlabel="block", ylabel="largest excess kurtosis of a linear's input")
     left.legend(fontsize=7)
-    schemes = ["W8A8", "W4 RTN", "W4 GPTQ"]
-    width = 0.8 / len(schemes)
-    for i, scheme in enumerate(schemes):
-        ratios = [r["perplexity"][scheme] / r["perplexity"]["fp32"] for r in reports]
-        right.bar([j + i * width for j in range(len(reports))], ratios, width, label=scheme)
-    right.set_xticks(
-        [j + width for j in range(len(reports))], [r["kind"] for r in reports], rotation=45, ha="right"
-    )
-    right.set(ylabel="perplexity / fp32 perplexity", ylim=(0.99, None))
-    right.legend()
-    c, steps = reports[0]["config"], reports[0]["settings"]["steps"]
+    # perplexity increase over fp32, in %: 8 and 4 bits side by side, ternary on its own scale
+    for axes, schemes in ((middle, ["W8A8", "W4 RTN", "W4 GPTQ"]), (right, ["ternary RTN"])):
+        width = 0.8 / len(schemes)
+        for i, scheme in enumerate(schemes):
+            increase = [100 * (r["perplexity"][scheme] / r["perplexity"]["fp32"] - 1) for r in trained]
+            axes.bar([j + i * width for j in range(len(trained))], increase, width, label=scheme)
+        ticks = [j + width * (len(schemes) - 1) / 2 for j in range(len(trained))]
+        axes.set_xticks(ticks, [r["kind"] for r in trained], rotation=60, ha="right", fontsize=8)
+        axes.set(ylabel="perplexity increase over fp32 (%)")
+        axes.axhline(0, color="black", linewidth=0.5)
+        axes.legend(fontsize=8)
+    c, steps = trained[0]["config"], trained[0]["settings"]["steps"]
     size = f"{c['num_hidden_layers']} blocks of {c['hidden_size']}"
     fig.suptitle(f"lab models ({size}, {steps} steps on Wikipedia, trained here); held-out perplexity")
     fig.tight_layout()
@@ -116,8 +119,10 @@ HEADER = (
 
 
 def _row(r: dict) -> str:
+    if "failed" in r:
+        return f"| {r['kind']} | {r['settings']['seed']} | {r['failed']} |" + " |" * (HEADER.count("|") - 4)
     p, s = r["perplexity"], r["summary"]
-    cells = [r["kind"], r["settings"]["seed"], *(f"{p[k]:.4g}" for k in p)]
+    cells = [r["kind"], r["settings"]["seed"], *(f"{v:.2f}" if v < 1e4 else f"{v:.3g}" for v in p.values())]
     cells += [f"{s['max_kurtosis']:.1f}", f"{s['max_max_median']:.1f}", f"{s['residual_absmax']:.1f}"]
     return "| " + " | ".join(map(str, cells)) + " |"
 
