@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lighten.errors import LightenError
 from lighten.lab.qat import BITNET
-from lighten.lab.report import lab_report
+from lighten.lab.report import lab_report, plot_lab_reports
 from lighten.lab.train import TrainSettings, train_on_wikipedia
 
 # kind -> (LabConfig options, QAT (weights, activations) or None)
@@ -76,47 +76,10 @@ def main() -> None:
 
 def _write_results(reports: list[dict], out: Path) -> None:
     """results.md (the table), results.json and results.png: per-block kurtosis, quantized / fp32 ppl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     table = "\n".join([HEADER, "|---" * (HEADER.count("|") - 1) + "|", *map(_row, reports)])
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(reports, indent=1))
-    trained = [r for r in reports if "failed" not in r]
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.8))
-    for i, r in enumerate(trained):
-        worst = [max(v for k, v in layer.items() if k.endswith("_kurtosis")) for layer in r["layers"]]
-        style = "-" if i < 10 else "--"  # matplotlib's 10 colours come round again
-        label = f"{r['kind']} (seed {r['settings']['seed']})"
-        left.plot(range(1, len(worst) + 1), worst, style, marker="o", label=label)
-    left.set(yscale="log", xlabel="block", ylabel="largest excess kurtosis of a linear's input")
-    left.legend(fontsize=7)
-    # 8 and 4 bits: the increase over fp32 in %; ternary (up to 135x) as a ratio on a log scale
-    for axes, schemes, log in (
-        (middle, ["W8A8", "W4 RTN", "W4 GPTQ"], False),
-        (right, ["ternary RTN"], True),
-    ):
-        width = 0.8 / len(schemes)
-        for i, scheme in enumerate(schemes):
-            ratio = [r["perplexity"][scheme] / r["perplexity"]["fp32"] for r in trained]
-            heights = ratio if log else [100 * (x - 1) for x in ratio]
-            axes.bar([j + i * width for j in range(len(trained))], heights, width, label=scheme)
-        ticks = [j + width * (len(schemes) - 1) / 2 for j in range(len(trained))]
-        axes.set_xticks(ticks, [r["kind"] for r in trained], rotation=60, ha="right", fontsize=8)
-        if log:
-            axes.set(ylabel="perplexity / fp32 perplexity (log)", yscale="log")
-            axes.axhline(1, color="black", linewidth=0.5)
-        else:
-            axes.set(ylabel="perplexity increase over fp32 (%)")
-            axes.axhline(0, color="black", linewidth=0.5)
-        axes.legend(fontsize=8)
-    c, steps = trained[0]["config"], trained[0]["settings"]["steps"]
-    size = f"{c['num_hidden_layers']} blocks of {c['hidden_size']}"
-    fig.suptitle(f"lab models ({size}, {steps} steps on Wikipedia, trained here); held-out perplexity")
-    fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=110)
+    plot_lab_reports([r for r in reports if "failed" not in r], out / "results.png", force=True)
     print(table)
 
 

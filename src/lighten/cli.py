@@ -622,11 +622,22 @@ def lab_report_(
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity.")] = 16384,
     calibration_tokens: Annotated[int, typer.Option(help="Tokens for statistics and GPTQ.")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also write a PNG: kurtosis per block, the cost of each scheme.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace the --plot PNG if lighten wrote it.")] = False,
 ):
-    """Each run's held-out perplexity in fp32, W8A8, 4-bit RTN and 4-bit GPTQ, and its worst outliers."""
-    from lighten.lab.report import lab_report
+    """Each run's held-out perplexity in fp32, W8A8, 4-bit RTN, 4-bit GPTQ and ternary, and its worst
+    outliers."""
+    from lighten.atomic import check_output
+    from lighten.inspect import is_lighten_png
+    from lighten.lab.report import lab_report, plot_lab_reports
 
+    if plot is not None:
+        check_output(plot, force, is_ours=is_lighten_png)  # fail now, not after the measurements
     reports = [lab_report(run, eval_tokens, calibration_tokens) for run in runs]
+    if plot is not None:
+        plot_lab_reports(reports, plot, force)
     if as_json:
         return _print_json(reports)
     headers = ["run", "norm", "placement", *reports[0]["perplexity"], "max kurtosis", "max max/median"]

@@ -7,6 +7,7 @@ import torch
 from cli_helpers import assert_refused, lighten
 from torch import nn
 
+from lighten.inspect import is_lighten_png
 from lighten.lab.data import lab_tokenizer, token_stream
 from lighten.lab.qat import prepare_qat
 from lighten.lab.report import perplexity, windows_of
@@ -36,8 +37,10 @@ def test_report_of_a_run(tmp_path):
     assert report["perplexity"]["W4 RTN"] != report["perplexity"]["fp32"]  # the weights did change
     assert [layer["block"] for layer in report["layers"]] == [0, 1]
     assert report["config"]["hidden_size"] == 32 and report["summary"]["residual_absmax"] > 0
-    table = lighten("lab", "report", run, "--eval-tokens", 512, "--calibration-tokens", 256)
+    png = tmp_path / "lab.png"
+    table = lighten("lab", "report", run, "--eval-tokens", 512, "--calibration-tokens", 256, "--plot", png)
     assert table.returncode == 0 and "W4 GPTQ" in table.stdout
+    assert is_lighten_png(png)
     assert_refused(lighten("lab", "report", tmp_path), "no trained lab model")
 
 
