@@ -80,6 +80,8 @@ def test_bad_input_is_refused(tiny_bpe_llama, tmp_path):
         return lighten("sweep", tiny_bpe_llama, "-o", tmp_path / "out", *options)
 
     assert_refused(sweep("--formats", "int9"), "int9", output=tmp_path / "out")
+    missing = lighten("sweep", tmp_path / "no-model", "-o", tmp_path / "out", "--formats", "int8")
+    assert_refused(missing, "no-model", output=tmp_path / "out")
     assert_refused(sweep("--formats", "int4", "--algorithms", "magic"), "magic", output=tmp_path / "out")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

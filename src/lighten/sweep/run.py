@@ -102,6 +102,10 @@ def run_sweep(
     `ray`: "auto" or a cluster address to run the quality jobs as Ray tasks there; else `workers` local
     processes (default local_workers). Jobs that failed before run again only with `retry_failed`.
     `on_row(job, outcome, counts)` is told of each finished job (and once at the start, with job None)."""
+    from lighten.models import resolve
+
+    for model in dict.fromkeys(job.model for job in jobs):
+        resolve(model)  # a missing model is one error now, not a failed row per job
     results = make_output_dir(results)  # a folder lighten made (resumed), or a new one
     db = open_store(results / STORE)
     jobs = list(dict.fromkeys(jobs))
@@ -126,11 +130,15 @@ def run_sweep(
         if model not in profiled:
             record_profile(db, model, _profile(model))
     if speed:
-        wanted = {job.id: job for job in jobs}
-        for row in rows(db):
-            if row["id"] in without_speed(db) and row["id"] in wanted:
-                path = checkpoint_dir(results, wanted[row["id"]])
-                record_speed(db, row["id"], speed_job(path, row["result"]["kind"]))
+        missing = without_speed(db)
+        kinds = {row["id"]: row["result"]["kind"] for row in rows(db) if row["id"] in missing}
+        for job in jobs:
+            if job.id in kinds:
+                try:
+                    measured = speed_job(checkpoint_dir(results, job), kinds[job.id])
+                except LightenError as e:  # e.g. a checkpoint the packed runtime refuses
+                    measured = {"error": str(e)}
+                record_speed(db, job.id, measured)
     return rows(db)
 
 
@@ -182,9 +190,8 @@ def _profile(model: str) -> dict:
     from lighten.inspect import inspect_model
     from lighten.models import load_model
 
-    loaded, tokenizer = load_model(model)
     try:
-        return inspect_model(loaded, tokenizer)
+        return inspect_model(*load_model(model))
     except LightenError as e:
         return {"sites": [], "error": str(e)}
 
