@@ -93,7 +93,10 @@ def render(table: list[dict], profiles: dict[str, dict]) -> str:
         parts += _fronts(model, [r for r in done if r["job"]["model"] == model], gid)
     plans = [r for r in done if (r["manifest"] or {}).get("allocation")]
     if plans:
-        parts += ["<h2>Per-layer format plans</h2>", _figure(_plan_heatmap(plans), "plans")]
+        parts.append("<h2>Per-layer format plans</h2>")
+        for model in dict.fromkeys(r["job"]["model"] for r in plans):
+            model_plans = [r for r in plans if r["job"]["model"] == model]
+            parts.append(_figure(_plan_heatmap(model, model_plans), "plans"))
     if profiles:
         parts.append("<h2>Outlier profile (lighten inspect)</h2>")
         parts += [_figure(_profile_plot(model, report), "profile") for model, report in profiles.items()]
@@ -105,12 +108,14 @@ def _fronts(model: str, done: list[dict], gid: int) -> list[str]:
     """The two plots of one model; their points are SVG groups points-GID-size and points-GID-speed."""
     from matplotlib.figure import Figure
 
-    label, quality = QUALITY[done[0]["result"]["kind"]]
+    kind = done[0]["result"]["kind"]
+    label, quality = QUALITY[kind]
+    rate = "decode tokens/s" if kind == "causal" else "sentences/s"
     fig = Figure(figsize=(11, 4))
     size_axes, speed_axes = fig.subplots(1, 2)
     for axes, axes_name, x_of, x_label in (
         (size_axes, "size", lambda r: r["result"]["bits_per_weight"], "bits per quantized weight"),
-        (speed_axes, "speed", _rate, "speed (tokens/s or sentences/s; higher is better)"),
+        (speed_axes, "speed", _rate, f"{rate} on lighten's runtime (higher is better)"),
     ):
         measured = [r for r in done if x_of(r) is not None]
         # speed is better higher: negate it for the front
@@ -132,7 +137,8 @@ def _fronts(model: str, done: list[dict], gid: int) -> list[str]:
     return [_figure(fig, "fronts")]
 
 
-def _plan_heatmap(plans: list[dict]):
+def _plan_heatmap(model: str, plans: list[dict]):
+    """The bits per weight each budgeted job of `model` gave each of its weights, a row per job."""
     from matplotlib.figure import Figure
 
     weights = list(dict.fromkeys(a["name"] for r in plans for a in r["manifest"]["allocation"]))
@@ -140,8 +146,9 @@ def _plan_heatmap(plans: list[dict]):
     for row, r in zip(bits, plans, strict=True):
         for a in r["manifest"]["allocation"]:
             row[weights.index(a["name"])] = formats.get(a["format"]).bits_per_element
-    fig = Figure(figsize=(11, 1 + 0.35 * len(plans)))
+    fig = Figure(figsize=(11, 1.3 + 0.35 * len(plans)))
     axes = fig.subplots()
+    axes.set_title(model)
     image = axes.imshow(bits, aspect="auto", cmap="viridis", interpolation="nearest")
     axes.set_yticks(range(len(plans)), [_short(r) for r in plans], fontsize=7)
     axes.set_xlabel(f"weight, in model order ({len(weights)})")
@@ -197,9 +204,10 @@ def _rate(row: dict) -> float | None:
 
 
 def _short(row: dict) -> str:
+    """A job's label: its format, or for a budgeted job the budget its mix of formats meets."""
     job = row["job"]
-    parts = [job["format"], job["algorithm"], ",".join(job["surgery"]), job["budget"]]
-    return " ".join(p for p in parts if p)
+    parts = [f"{job['budget']} mix" if job["budget"] else job["format"], job["algorithm"]]
+    return " ".join(p for p in [*parts, ",".join(job["surgery"])] if p)
 
 
 def _figure(fig, kind: str) -> str:
