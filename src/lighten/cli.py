@@ -538,13 +538,13 @@ def _quality(result: dict | None, error: str | None) -> str:
 
 @contextlib.contextmanager
 def _sweep_display(total: int):
-    """A bar of finished jobs with done / running / failed and the best row so far (least KL, or highest
-    cosine); yields run_sweep's on_row."""
+    """A bar of finished jobs with done / running / failed and each model's best row so far (least KL, or
+    highest cosine); without a terminal (a log), one line per finished job. Yields run_sweep's on_row."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from lighten.progress import stderr
+    from lighten.progress import note, stderr
 
-    best = {"score": math.inf, "text": "-"}
+    best = {}  # model -> (score, text)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, disable=not stderr.is_terminal) as progress:
         task = progress.add_task("sweep", total=total)
@@ -553,13 +553,20 @@ def _sweep_display(total: int):
             result = outcome.get("result")
             if job is None:  # the start: the jobs done before
                 return progress.update(task, completed=counts["done"])
-            score = (result.get("kl", -result.get("cosine", 0.0))) if result else math.inf
-            if score < best["score"]:
-                best.update(score=score, text=f"{job.model} {job.format}: {_quality(result, None)}")
+            score = result.get("kl", -result.get("cosine", 0.0)) if result else math.inf
+            if score < best.get(job.model, (math.inf,))[0]:
+                best[job.model] = score, f"{job.model} {job.format}: {_quality(result, None)}"
             text = f"{counts['done']} done, {counts['running']} running, {counts['failed']} failed"
+            leaders = "; ".join(t for _, t in best.values())
             progress.update(
-                task, completed=counts["done"] + counts["failed"], description=f"{text}; best {best['text']}"
+                task, completed=counts["done"] + counts["failed"], description=f"{text}; best {leaders}"
             )
+            if not stderr.is_terminal:
+                status = "failed" if outcome.get("error") else "done"
+                note(
+                    f"{counts['done'] + counts['failed']}/{total} {status}: {job.model} {job.format} "
+                    f"{_quality(result, outcome.get('error'))}"
+                )
 
         yield on_row
 

@@ -2,6 +2,7 @@
 recorded with its error while the others go on, a rerun that does nothing, a sweep killed mid-way that
 restarts without losing or repeating a row, and the same rows from a local Ray cluster."""
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -55,6 +56,9 @@ def test_a_killed_sweep_restarts_without_losing_or_repeating_rows(tiny_bpe_llama
     assert resumed.returncode == 0, resumed.stderr
     after = {row[0]: row[1] for row in _rows(results / STORE)}
     assert len(after) == 4 and all(after[i] == finished for i, finished in before.items())
+    # stderr is no terminal here: a line per job this run finished, counted with those found done
+    finished_lines = re.findall(r"^(\d)/4 done: ", resumed.stderr, flags=re.M)
+    assert sorted(int(n) for n in finished_lines) == list(range(len(before) + 1, 5)), resumed.stderr
 
 
 def test_ray_cluster_gives_the_same_rows(tiny_bpe_llama, tmp_path):
