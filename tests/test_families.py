@@ -15,7 +15,7 @@ import pytest
 import torch
 from cli_helpers import assert_refused, lighten
 from tiny_models import ARCHS, sample_text, tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from lighten.algorithms.activations import collect_input_stats
 from lighten.checkpoint import load
@@ -306,3 +306,30 @@ def matrix_markdown() -> str:
 def test_readme_shows_the_matrix():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert matrix_markdown() in readme, "README's family table is stale: paste matrix_markdown()"
+
+
+def test_a_family_lighten_does_not_know_is_refused_and_still_evaluated(tmp_path):
+    """OPT (the issue's example: a 128-position table, eval at context 512 traced back): every command that
+    needs the model view refuses it with one error line; eval of the original clamps its context and runs."""
+    config = OPTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        vocab_size=320,
+        max_position_embeddings=128,
+    )
+    src = tmp_path / "opt"
+    OPTForCausalLM(config).save_pretrained(src)
+    tiny_bpe_tokenizer().save_pretrained(src)
+    for command in (["inspect", src], ["quantize", src, "-f", "int8"], ["quantize", src, "-f", "q4_0"]):
+        out = tmp_path / "out"
+        assert_refused(
+            lighten(*command, *(["-o", out] if command[0] == "quantize" else [])),
+            "OPTForCausalLM is not supported",
+            output=out,
+        )
+    result = lighten("eval", src, "--tokens", 256, "--context", 512, "--json")
+    assert result.returncode == 0, result.stderr
+    assert "clamped to 128" in result.stderr
+    assert json.loads(result.stdout)["reference"]["perplexity"] > 1
