@@ -291,9 +291,11 @@ def finetune(
     ] = 10,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
-    """Quantization-aware fine-tuning: train the weights through the format's rounding, distilled from the
-    model itself (KL to its next-token distribution on the Wikipedia calibration split), and save the
-    quantized checkpoint. A stopped run resumes from OUTPUT.training when the same command runs again."""
+    """Quantization-aware fine-tuning, distilled from the model itself, saved as a quantized checkpoint.
+
+    The weights train through the format's rounding towards the model's own next-token distribution (KL) on
+    the Wikipedia calibration split. A stopped run resumes from OUTPUT.training when the same command runs
+    again."""
     from lighten.lab.finetune import finetune_settings, finetune_to_dir, training_dir
 
     options = dict(batch=batch, context=context, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
@@ -318,8 +320,9 @@ def imatrix_(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
-    """Collect llama.cpp's importance matrix (mean x² of every linear's inputs) for llama-quantize --imatrix
-    or lighten quantize --imatrix."""
+    """Collect llama.cpp's importance matrix (mean x² of every linear's inputs).
+
+    For llama-quantize --imatrix or lighten quantize --imatrix."""
     from lighten.pipeline import imatrix_to_file
 
     out.print(f"wrote {imatrix_to_file(model, output, calibration_tokens, force)}")
@@ -421,8 +424,9 @@ def export(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if lighten wrote it.")] = False,
 ):
-    """Export for llama.cpp (GGUF: causal LMs, see the README's family table) or vLLM
-    (compressed-tensors)."""
+    """Export for llama.cpp (GGUF) or vLLM (compressed-tensors).
+
+    GGUF is for causal LMs: the README's family table says which."""
     from lighten.pipeline import export_model
 
     out.print(f"wrote {export_model(source, to, output, type, force, pre_tokenizer)}")
@@ -435,8 +439,9 @@ def demo(
     ),
     tokens: Annotated[int, typer.Option(help="Tokens of Wikipedia text for perplexity / KL.")] = 4096,
 ):
-    """Quantize both built-in models to six formats and compare each with its original; a rerun replaces
-    what an earlier demo wrote into OUTPUT."""
+    """Quantize both built-in models to six formats and compare each with its original.
+
+    A rerun replaces what an earlier demo wrote into OUTPUT."""
     from lighten.atomic import atomic_file, check_output, in_lighten_dir
     from lighten.eval.table import markdown, report_table
     from lighten.pipeline import run_demo
@@ -478,8 +483,9 @@ def sweep(
     speed: Annotated[bool, typer.Option(help="Measure decode speed (alone, after the quality jobs).")] = True,
     retry_failed: Annotated[bool, typer.Option(help="Run the jobs that failed before again.")] = False,
 ):
-    """Quantize and evaluate every combination of models x formats x algorithms x surgery x budgets into a
-    resumable results store (RESULTS/results.sqlite); a rerun skips what is done."""
+    """Quantize and evaluate a grid of models x formats x algorithms x surgery x budgets, resumably.
+
+    One row per job in RESULTS/results.sqlite; a rerun skips what is done."""
     from lighten.sweep.grid import grid
     from lighten.sweep.run import run_sweep
 
@@ -603,8 +609,9 @@ def lab_train(
     seed: Annotated[int, typer.Option(help="Seed of the weights and the batches.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.", min=1)] = 50,
 ):
-    """Train a small Llama-shaped LM on the Wikipedia calibration split; a stopped run resumes where its
-    last checkpoint left it when the same command runs again."""
+    """Train a small Llama-shaped LM on the Wikipedia calibration split.
+
+    A stopped run resumes where its last checkpoint left it when the same command runs again."""
     from lighten.lab.qat import BITNET
     from lighten.lab.train import TrainSettings, train_on_wikipedia
 
@@ -634,8 +641,7 @@ def lab_report_(
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace the --plot PNG if lighten wrote it.")] = False,
 ):
-    """Each run's held-out perplexity in fp32, W8A8, 4-bit RTN, 4-bit GPTQ and ternary, and its worst
-    outliers."""
+    """Each run's held-out perplexity in fp32, W8A8, 4-bit RTN, 4-bit GPTQ and ternary, and its outliers."""
     from lighten.atomic import check_output
     from lighten.inspect import is_lighten_png
     from lighten.lab.report import lab_report, plot_lab_reports
