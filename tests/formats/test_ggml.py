@@ -123,6 +123,21 @@ def test_grid_holds_the_searched_bytes_and_rounds_to_its_nearest_value(name):
     assert np.array_equal(grid.encode(x[:, 40:300], first=40), codes[:, 40:300])
 
 
+def test_nearest_iq4_value_as_ggml_picks_it():
+    """ggml's best_index_int8 on kvalues_iq4nl: the nearest value, a tie (x halfway) to the upper one; by
+    hand at the ties and the ends, and against a brute-force nearest for many values."""
+    from lighten.formats.ggml import _best_index
+
+    ties = (IQ4NL[:-1] + IQ4NL[1:]) / 2  # -115.5, -93.5, ...: each goes to the upper neighbour
+    assert _best_index(IQ4NL, ties).tolist() == list(range(1, 16))
+    ends = np.array([-np.inf, -1e9, -127, -115.6, 113, 1e9, np.inf], np.float32)
+    assert _best_index(IQ4NL, ends).tolist() == [0, 0, 0, 0, 15, 15, 15]
+    x = np.random.default_rng(0).normal(0, 80, 100_000).astype(np.float32)
+    distance = np.abs(x[:, None] - IQ4NL[None])
+    brute = len(IQ4NL) - 1 - np.argmin(distance[:, ::-1], axis=1)  # the last (upper) of equally near
+    assert np.array_equal(_best_index(IQ4NL, x), brute)
+
+
 def test_ternary_types_have_no_grid():
     with pytest.raises(SpecError, match="no scale search"):
         get("tq2_0").grid(weights())
