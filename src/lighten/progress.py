@@ -5,6 +5,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.progress import track as _rich_track
 
@@ -36,5 +37,6 @@ def steps_bar(total: int, description: str, start: int = 0) -> Iterator[Callable
 
 
 def note(message: str) -> None:
-    """A one-line status message for the user (stderr)."""
-    stderr.print(f"[dim]{message}[/dim]")
+    """A one-line status message for the user (stderr), printed as written: brackets in it (an error's
+    text, a path) are not rich markup."""
+    stderr.print(f"[dim]{escape(message)}[/dim]")
