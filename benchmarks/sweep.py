@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lighten.sweep.report import QUALITY, pareto_front
 from lighten.sweep.run import STORE
-from lighten.sweep.store import rows
+from lighten.sweep.store import rows, speed_of
 
 MEASURED = ("bits_per_weight", "disk_bytes", "perplexity", "kl", "cosine", "spearman")
 MODELS = ["smollm2-135m", "minilm"]
@@ -90,12 +90,12 @@ def pareto_markdown(table: list[dict]) -> str:
         title = f"**{model}**: {len(front)} of {len(done)} jobs on the front"
         lines += ["", title, "", head, "|---" * 6 + "|"]
         for r in (done[i] for i in front):
-            res, speed = r["result"], r["speed"] or {}
+            res, speed = r["result"], speed_of(r)
             if kind == "causal":
-                cells = [f"{res['perplexity']:.2f}", f"{res['kl']:.4f}", speed.get("decode_tokens_per_s")]
+                cells = [f"{res['perplexity']:.2f}", f"{res['kl']:.4f}"]
             else:
-                cells = [f"{res['cosine']:.4f}", f"{1 - res['cosine']:.4f}", speed.get("sentences_per_s")]
-            rate = f"{cells[2]:.1f}" if cells[2] is not None else "-"
+                cells = [f"{res['cosine']:.4f}", f"{1 - res['cosine']:.4f}"]
+            rate = f"{speed:.1f}" if speed is not None else "-"
             job = r["job"]
             fmt = "mixed (ILP)" if job["budget"] else job["format"]
             lines.append(

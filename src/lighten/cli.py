@@ -527,8 +527,9 @@ def report(
 
 
 def _sweep_cells(row: dict) -> list[str]:
-    job, result, speed = row["job"], row["result"] or {}, row["speed"] or {}
-    rate = speed.get("decode_tokens_per_s") or speed.get("sentences_per_s")
+    from lighten.sweep.store import speed_of
+
+    job, result, rate = row["job"], row["result"] or {}, speed_of(row)
     cells = [job["model"], job["format"], job["algorithm"] or "default", ",".join(job["surgery"]) or "-"]
     cells += [job["budget"] or "-", f"{result['bits_per_weight']:.3f}" if result else "-"]
     return cells + [_quality(result, row["error"]), f"{rate:.1f}/s" if rate else "-", row["status"]]

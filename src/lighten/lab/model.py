@@ -157,8 +157,11 @@ class LabModel(nn.Module):
         self.embed_projection = nn.Linear(d, d, bias=False) if config.embedding_projection else None
         self.layers = nn.ModuleList(LabBlock(config, i) for i in range(config.num_hidden_layers))
         # A Post-LN stack ends on a norm already; the others normalize before the head.
-        final = make_norm(config.norm, d, config.norm_eps, config.train_steps)
-        self.norm = None if config.placement == "post" else final
+        self.norm = (
+            None
+            if config.placement == "post"
+            else make_norm(config.norm, d, config.norm_eps, config.train_steps)
+        )
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.apply(_init)
         if self.embed_projection is not None:

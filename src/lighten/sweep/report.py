@@ -13,7 +13,7 @@ from lighten import formats
 from lighten.atomic import atomic_file
 from lighten.errors import LightenError
 from lighten.sweep.run import STORE
-from lighten.sweep.store import model_profiles, open_store, rows
+from lighten.sweep.store import model_profiles, open_store, rows, speed_of
 
 COLUMNS = [  # the table's: (name, kind)
     *((c, "text") for c in ("model", "format", "algorithm", "surgery", "budget")),
@@ -115,7 +115,7 @@ def _fronts(model: str, done: list[dict], gid: int) -> list[str]:
     size_axes, speed_axes = fig.subplots(1, 2)
     for axes, axes_name, x_of, x_label in (
         (size_axes, "size", lambda r: r["result"]["bits_per_weight"], "bits per quantized weight"),
-        (speed_axes, "speed", _rate, f"{rate} on lighten's runtime (higher is better)"),
+        (speed_axes, "speed", speed_of, f"{rate} on lighten's runtime (higher is better)"),
     ):
         measured = [r for r in done if x_of(r) is not None]
         # speed is better higher: negate it for the front
@@ -184,7 +184,7 @@ def _table(table: list[dict]) -> str:
         status = "done" if r["status"] == "done" else f"failed: {(r['error'] or '').strip().splitlines()[-1]}"
         values = [job["model"], job["format"], job["algorithm"] or "default", ",".join(job["surgery"]) or "-"]
         values += [job["budget"] or "-", *(result.get(k) for k in ("bits_per_weight", "perplexity", "kl"))]
-        values += [result.get("cosine"), _rate(r), status, r["command"]]
+        values += [result.get("cosine"), speed_of(r), status, r["command"]]
         cells = "".join(_cell(key, kind, v) for (key, kind), v in zip(COLUMNS, values, strict=True))
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -196,11 +196,6 @@ def _cell(key: str, kind: str, value) -> str:
         return f'<td data-col="{key}" data-value="{sort}">{shown}</td>'
     text = html.escape(str(value))
     return f'<td data-col="{key}" class="text">{f"<code>{text}</code>" if key == "command" else text}</td>'
-
-
-def _rate(row: dict) -> float | None:
-    speed = row["speed"] or {}
-    return speed.get("decode_tokens_per_s") or speed.get("sentences_per_s")
 
 
 def _short(row: dict) -> str:

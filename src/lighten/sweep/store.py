@@ -42,8 +42,8 @@ def open_store(path: str | Path) -> sqlite3.Connection:
 
 def finished(db: sqlite3.Connection, with_failed: bool = True) -> set[str]:
     """Ids of the jobs recorded: done, and failed too unless `with_failed` is False."""
-    statuses = ("done", "failed") if with_failed else ("done", "done")
-    return {row[0] for row in db.execute("SELECT id FROM jobs WHERE status IN (?, ?)", statuses)}
+    query = "SELECT id FROM jobs" + ("" if with_failed else " WHERE status = 'done'")
+    return {row[0] for row in db.execute(query)}
 
 
 def record(db: sqlite3.Connection, job: Job, command: str, outcome: dict) -> None:
@@ -99,6 +99,12 @@ def rows(db: sqlite3.Connection) -> list[dict]:
             row[key] = json.loads(row[key]) if row[key] is not None else None
         decoded.append(row)
     return decoded
+
+
+def speed_of(row: dict) -> float | None:
+    """A row's measured speed: decode tokens/s (causal LMs) or sentences/s (encoders), or None."""
+    speed = row["speed"] or {}
+    return speed.get("decode_tokens_per_s") or speed.get("sentences_per_s")
 
 
 def _job_dict(job: Job) -> dict:
